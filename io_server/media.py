@@ -1,0 +1,84 @@
+"""Data contracts shared by the Keye media processor, the decoding backends, the gRPC server
+and the client.
+
+A media item is one image or one video file. Processing it follows Keye-VL-1.5: sample frames,
+classify them as slow or fast, pick each frame's resized size (multiples of 28 px; one LLM token
+covers 28 x 28 px), then decode and resize. `FramePlan` is everything but the pixels (what `Probe`
+returns and what a dataset index stores); `DecodedMedia` adds the uint8 pixels of a range of the
+sampled frames (what `Decode` returns).
+
+Invariants:
+- all per-frame tuples of a `FramePlan` have length `num_frames`;
+- `heights[i] % 28 == 0 and widths[i] % 28 == 0`, and `tokens[i] == heights[i] * widths[i] // 784`;
+- an image is a plan with one frame, `is_fast == (False,)` and `timestamps == (0.0,)`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+PIXELS_PER_TOKEN_SIDE = 28
+"""One LLM token covers 28 x 28 px (2 x 2 ViT patches of 14 px)."""
+
+
+class MediaKind(enum.Enum):
+    IMAGE = "image"
+    VIDEO = "video"
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """The processed form of one media item, without pixels."""
+
+    path: str
+    kind: MediaKind
+    source_width: int
+    source_height: int
+    source_fps: float
+    """Frames per second of the source video; 0.0 for images."""
+    duration_s: float
+    """Duration of the source video in seconds; 0.0 for images."""
+    num_source_frames: int
+    frame_indices: tuple[int, ...]
+    """Index of each sampled frame in the source stream."""
+    timestamps: tuple[float, ...]
+    """Presentation time of each sampled frame in seconds."""
+    is_fast: tuple[bool, ...]
+    heights: tuple[int, ...]
+    """Resized height in pixels of each sampled frame (a multiple of 28)."""
+    widths: tuple[int, ...]
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frame_indices)
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """LLM tokens of each sampled frame (h * w / 28^2)."""
+        side2 = PIXELS_PER_TOKEN_SIDE * PIXELS_PER_TOKEN_SIDE
+        return tuple(h * w // side2 for h, w in zip(self.heights, self.widths, strict=True))
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens)
+
+    @property
+    def num_fast(self) -> int:
+        return sum(self.is_fast)
+
+
+@dataclass(frozen=True)
+class DecodedMedia:
+    """Pixels of sampled frames `[frame_start, frame_stop)` of `plan`.
+
+    `frames[i]` is the uint8 RGB array of shape `(plan.heights[j], plan.widths[j], 3)` for
+    `j = frame_start + i`.
+    """
+
+    plan: FramePlan
+    frame_start: int
+    frame_stop: int
+    frames: tuple[np.ndarray, ...]

@@ -82,3 +82,37 @@ class DecodedMedia:
     frame_start: int
     frame_stop: int
     frames: tuple[np.ndarray, ...]
+
+
+class MediaError(Exception):
+    """A media item that cannot be served. `path` names the file, `reason` says why.
+
+    The gRPC server maps the subclasses to status codes (see `io_server.server`).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class MediaNotFoundError(MediaError):
+    """The file does not exist (gRPC NOT_FOUND)."""
+
+
+class CorruptMediaError(MediaError):
+    """The file exists but cannot be decoded: truncated, corrupt, no video stream.
+
+    gRPC INVALID_ARGUMENT.
+    """
+
+
+class InvalidRequestError(MediaError):
+    """The request itself is impossible: a frame range outside the plan, absurd sizes.
+
+    gRPC INVALID_ARGUMENT.
+    """
+
+
+class AccessDeniedError(MediaError):
+    """The path resolves outside the server's allowed roots (PERMISSION_DENIED)."""

@@ -34,7 +34,9 @@ from hetero_parallel import ParallelPlan, default_backend, initialize, teardown 
 from hetero_parallel.cpu_compat import cpu_compat  # noqa: E402
 
 
-def counting_batch(step: int, batch: int, seq: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+def counting_batch(
+    step: int, batch: int, seq: int, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences ``s, s+1, s+2, ...`` (mod vocab): the next token is always predictable."""
     g = torch.Generator().manual_seed(step)
     start = torch.randint(0, vocab, (batch, 1), generator=g)

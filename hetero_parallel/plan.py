@@ -12,8 +12,9 @@ Terms:
 - *LLM replica*: one data-parallel copy of the LLM (``dp`` of them), spread over ``tp*cp*pp`` ranks.
 - *first stage*: the ranks of a replica with pipeline coordinate 0; they embed tokens and receive
   the visual embeddings.
-- *token loader*: per replica the first-stage rank with ``tp == cp == 0``; it loads the token ids
-  and broadcasts them over its tensor-and-context group (megatron's ``tp-cp`` group).
+- *token loaders*: per replica, on the first and on the last pipeline stage, the rank with
+  ``tp == cp == 0``; it loads the token ids (the first stage embeds them, the last stage takes the
+  labels from them) and broadcasts them over its tensor-and-context group (megatron's ``tp-cp``).
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ class DataRole:
     loads_pixels: bool
     """Hosts a ViT replica: fetches the pixels of the media items the balancer gives it."""
     loads_tokens: bool
-    """Token loader of its LLM replica: fetches token ids and broadcasts them."""
+    """A token loader of its replica: fetches token ids and broadcasts them to its TP/CP peers."""
     needs_tokens: bool
-    """On its replica's first pipeline stage: receives the token ids (from the token loader)."""
+    """On its replica's first or last pipeline stage: gets the token ids (inputs or labels)."""
+    receives_visual: bool
+    """On its replica's first pipeline stage: receives routed visual embeddings."""
     llm_replica: int
 
 
@@ -224,9 +227,9 @@ class ParallelPlan:
         """Ranks of LLM replica ``replica`` on pipeline stage 0 (all its TP and CP ranks)."""
         return self.group(self.rank_of(dp=replica), "tp-cp")
 
-    def token_loader(self, replica: int) -> int:
-        """The one rank of ``replica`` that loads token ids and broadcasts them to its peers."""
-        return self.rank_of(dp=replica)
+    def token_loaders(self, replica: int) -> tuple[int, ...]:
+        """Ranks of ``replica`` that load token ids: one on the first and one on the last stage."""
+        return tuple(sorted({self.rank_of(dp=replica), self.rank_of(dp=replica, pp=self.pp - 1)}))
 
     def routing_ranks(self) -> tuple[int, ...]:
         """Ranks that take part in moving visual embeddings: ViT ranks and first-stage ranks."""
@@ -235,11 +238,12 @@ class ParallelPlan:
 
     def data_role(self, rank: int) -> DataRole:
         c = self.coords(rank)
-        first_stage = c.pp == 0
+        needs_tokens = c.pp in (0, self.pp - 1)
         return DataRole(
             loads_pixels=c.vit is not None,
-            loads_tokens=first_stage and c.tp == 0 and c.cp == 0,
-            needs_tokens=first_stage,
+            loads_tokens=needs_tokens and c.tp == 0 and c.cp == 0,
+            needs_tokens=needs_tokens,
+            receives_visual=c.pp == 0,
             llm_replica=c.dp,
         )
 

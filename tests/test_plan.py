@@ -90,15 +90,19 @@ def test_data_roles():
         first = plan.first_stage_ranks(replica)
         assert len(first) == plan.tp * plan.cp
         assert all(plan.coords(r).pp == 0 and plan.coords(r).dp == replica for r in first)
+        last = plan.group(plan.rank_of(dp=replica, pp=plan.pp - 1), "tp-cp")
         loaders = [
             r for r in range(16) if roles[r].loads_tokens and roles[r].llm_replica == replica
         ]
-        assert loaders == [plan.token_loader(replica)]
-        assert loaders[0] in first
-        # The loader broadcasts to exactly the first-stage ranks of its replica.
+        assert tuple(loaders) == plan.token_loaders(replica)
+        assert loaders[0] in first and loaders[1] in last
+        # Each loader broadcasts to exactly the ranks of its stage in its replica.
         assert plan.group(loaders[0], "tp-cp") == first
-        assert {r for r in range(16) if roles[r].needs_tokens and roles[r].llm_replica == replica} \
-            == set(first)
+        assert plan.group(loaders[1], "tp-cp") == last
+        needs = {r for r in range(16) if roles[r].needs_tokens and roles[r].llm_replica == replica}
+        assert needs == set(first) | set(last)
+        mine = [r for r in range(16) if roles[r].llm_replica == replica]
+        assert tuple(r for r in mine if roles[r].receives_visual) == first
 
 
 def test_vit_placement():

@@ -100,6 +100,8 @@ def transformer_config(
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=not torch.cuda.is_available(),
+        # Dense model: no MoE, but megatron validates the dispatcher against variable lengths.
+        moe_token_dispatcher_type="alltoall",
         **overrides,
     )
 

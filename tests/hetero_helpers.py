@@ -1,0 +1,207 @@
+"""A tiny Keye-like global batch and a single-process reference for the heterogeneous step.
+
+Samples mix text-only, images of different sizes and videos whose Slow-Fast frames differ in size.
+Sequence format: ``BOS, [FRAME, slot x tokens] per frame per media, text...``; slots carry the
+``PAD_VISUAL`` placeholder and no loss. Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from examples.keye_vl.llm import (
+    TINY,
+    build_llm,
+    build_llm_chunks,
+    gather_full_state,
+    load_full_state,
+    transformer_config,
+)
+from examples.keye_vl.vision import TINY_VISION, VisionEncoder
+from hetero_parallel import ParallelPlan, initialize, teardown
+from hetero_parallel.balancer import BatchPlan, plan_global_batch
+from hetero_parallel.cost_model import CostModel
+from hetero_parallel.routing import SampleLayout, build_routing, microbatch_shapes
+from hetero_parallel.step import StepOptions, hetero_train_step, make_microbatch
+
+BOS, FRAME, PAD_VISUAL = 1, 2, 3
+FIRST_TEXT = 4
+LR = 0.1
+COST = CostModel(vit_linear=1.0, vit_quadratic=0.01, llm_linear=1.0, llm_quadratic=0.001)
+
+
+@dataclass(frozen=True)
+class Sample:
+    sample_id: int
+    tokens: torch.Tensor
+    is_target: torch.Tensor
+    layout: SampleLayout
+    frames: tuple[tuple[torch.Tensor, ...], ...]
+    """Pixels per media per frame (uint8 ``[h, w, 3]``)."""
+
+
+
+def _frame(g: torch.Generator, h_tokens: int, w_tokens: int) -> torch.Tensor:
+    return torch.randint(0, 256, (28 * h_tokens, 28 * w_tokens, 3), generator=g,
+                         dtype=torch.uint8)
+
+
+def make_samples(seed: int, count: int = 12) -> list[Sample]:
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for sid in range(count):
+        kind = sid % 3  # text, images, video
+        media: list[tuple[torch.Tensor, ...]] = []
+        if kind == 1:
+            n_images = 1 + int(torch.randint(0, 2, (1,), generator=g))
+            for _ in range(n_images):
+                h, w = (int(x) for x in torch.randint(1, 4, (2,), generator=g))
+                media.append((_frame(g, h, w),))
+        elif kind == 2:
+            n_frames = int(torch.randint(3, 7, (1,), generator=g))
+            slow = (2, 2)
+            media.append(tuple(
+                _frame(g, *slow) if f % 3 == 0 else _frame(g, 1, 1) for f in range(n_frames)
+            ))
+        ids, target = [BOS], [False]
+        frame_tokens, frame_positions = [], []
+        for frames in media:
+            toks, poss = [], []
+            for f in frames:
+                n = (f.shape[0] // 28) * (f.shape[1] // 28)
+                ids.append(FRAME)
+                target.append(False)
+                poss.append(len(ids))
+                toks.append(n)
+                ids.extend([PAD_VISUAL] * n)
+                target.extend([False] * n)
+            frame_tokens.append(tuple(toks))
+            frame_positions.append(tuple(poss))
+        n_text = int(torch.randint(4, 20, (1,), generator=g))
+        ids.extend(torch.randint(FIRST_TEXT, TINY.vocab_size, (n_text,), generator=g).tolist())
+        target.extend([True] * n_text)
+        layout = SampleLayout(sid, len(ids), tuple(frame_tokens), tuple(frame_positions))
+        samples.append(Sample(sid, torch.tensor(ids), torch.tensor(target), layout, tuple(media)))
+    return samples
+
+
+def total_loss_tokens(samples: list[Sample]) -> int:
+    return int(sum(s.is_target[1:].sum() for s in samples))
+
+
+@dataclass
+class Result:
+    loss: float
+    grads: dict[str, torch.Tensor]
+    after: dict[str, torch.Tensor]
+
+
+def reference(samples: list[Sample], init_seed: int = 0) -> tuple[dict, Result]:
+    """Single model (ViT + projector + TP=1/PP=1 LLM), whole batch, one SGD step, on this rank."""
+    groups = initialize(ParallelPlan(world_size=dist.get_world_size()), backend="gloo", seed=1)
+    try:
+        torch.manual_seed(init_seed)
+        vision = VisionEncoder(TINY_VISION)
+        llm = build_llm(TINY, transformer_config(TINY))
+        initial = {"vision": {k: v.clone() for k, v in vision.state_dict().items()},
+                   "llm": {n: p.detach().clone() for n, p in llm.named_parameters()}}
+        total = torch.zeros(())
+        for s in samples:
+            visual = vision([f for frames in s.frames for f in frames])
+            ids = s.tokens[None, :]
+            positions = torch.arange(ids.shape[1])[None, :]
+            emb = llm.embedding(input_ids=ids, position_ids=positions)  # [S, 1, H]
+            slots = torch.tensor([p + t for poss, toks in zip(s.layout.frame_positions,
+                                                               s.layout.frame_tokens, strict=True)
+                                  for p, n in zip(poss, toks, strict=True) for t in range(n)],
+                                 dtype=torch.long)
+            if slots.numel():
+                emb = emb.index_put((slots, torch.zeros_like(slots)), visual)
+            labels = torch.cat([s.tokens[1:], s.tokens[:1]])[None, :]
+            loss = llm(ids, positions, None, decoder_input=emb, labels=labels)[0]
+            mask = torch.cat([s.is_target[1:], torch.tensor([False])]).float()
+            total = total + (loss * mask).sum()
+        n = total_loss_tokens(samples)
+        mean = total / n
+        mean.backward()
+        grads = {f"vision.{k}": p.grad.clone() for k, p in vision.named_parameters()}
+        grads |= {f"llm.{k}": p.grad.clone() for k, p in llm.named_parameters()}
+        for p in list(vision.parameters()) + list(llm.parameters()):
+            p.data -= LR * p.grad
+        after = {f"vision.{k}": p.detach().clone() for k, p in vision.named_parameters()}
+        after |= {f"llm.{k}": p.detach().clone() for k, p in llm.named_parameters()}
+        return initial, Result(mean.item(), grads, after)
+    finally:
+        teardown(groups)
+
+
+def plan_batch(samples: list[Sample], plan: ParallelPlan, num_microbatches: int) -> BatchPlan:
+    return plan_global_batch([s.layout.spec() for s in samples], COST, num_replicas=plan.dp,
+                             num_microbatches=num_microbatches, num_vit_ranks=plan.vit_dp,
+                             frames_per_chunk=2)
+
+
+def hetero_step(plan: ParallelPlan, samples: list[Sample], initial: dict, batch: BatchPlan,
+                options: StepOptions | None = None) -> tuple[Result, dict[str, float]]:
+    """One step of the heterogeneous placement; gathers this rank's view of grads and weights."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    groups = initialize(plan, backend="gloo", seed=1)
+    try:
+        rank = dist.get_rank()
+        config = transformer_config(TINY, tensor_parallel=plan.tp, pipeline_parallel=plan.pp,
+                                    virtual_pipeline=plan.vpp, calculate_per_token_loss=True,
+                                    variable_seq_lengths=True)
+        chunks = build_llm_chunks(TINY, config)
+        load_full_state(chunks, initial["llm"])
+        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+        llm = [DistributedDataParallel(config, ddp, c, disable_bucketing=True) for c in chunks]
+        config.finalize_model_grads_func = finalize_model_grads
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="sgd", lr=LR, sgd_momentum=0.0, weight_decay=0.0,
+                            clip_grad=0.0, use_distributed_optimizer=False), llm)
+        vision = None
+        frames: list[torch.Tensor] = []
+        by_id = {s.sample_id: s for s in samples}
+        vit_index = plan.vit_index(rank)
+        if vit_index is not None:
+            vision = VisionEncoder(TINY_VISION)
+            vision.load_state_dict(initial["vision"])
+            for ch in batch.chunks_for_vit_rank(vit_index):
+                frames.extend(by_id[ch.sample_id].frames[ch.media_index][ch.frame_start:ch.frame_stop])
+        layouts = {s.sample_id: s.layout for s in samples}
+        table = build_routing(plan, batch, layouts, rank)
+        c = plan.coords(rank)
+        microbatches = None
+        if plan.data_role(rank).needs_tokens:
+            microbatches = [
+                make_microbatch([by_id[s].tokens for s in mb.sample_ids],
+                                [by_id[s].is_target for s in mb.sample_ids], mb.seq_len)
+                for mb in microbatch_shapes(batch, layouts, c.dp, 1)
+            ]
+        for m in llm:
+            m.zero_grad_buffer()
+        optimizer.zero_grad()
+        out = hetero_train_step(groups=groups, table=table, vision=vision, vision_frames=frames,
+                                llm=llm, microbatches=microbatches,
+                                total_loss_tokens=total_loss_tokens(samples),
+                                hidden_size=TINY.hidden_size, options=options or StepOptions())
+        grads = {f"llm.{k}": v for k, v in gather_full_state(llm, grads=True).items()}
+        optimizer.step()
+        after = {f"llm.{k}": v for k, v in gather_full_state(llm).items()}
+        if vision is not None:
+            grads |= {f"vision.{k}": p.grad.clone() for k, p in vision.named_parameters()}
+            for p in vision.parameters():
+                p.data -= LR * p.grad
+            after |= {f"vision.{k}": p.detach().clone() for k, p in vision.named_parameters()}
+        return Result(out.loss, grads, after), out.timings
+    finally:
+        teardown(groups)

@@ -1,9 +1,6 @@
-"""A tiny Keye-like global batch and a single-process reference for the heterogeneous step.
-
-Samples mix text-only, images of different sizes and videos whose Slow-Fast frames differ in size.
-Sequence format: ``BOS, [FRAME, slot x tokens] per frame per media, text...``; slots carry the
-``PAD_VISUAL`` placeholder and no loss. Everything is a pure function of the seed.
-"""
+"""A single-process reference for the heterogeneous step and the step itself on a `ParallelPlan`,
+on tiny Keye-like batches (`examples.keye_vl.toy_batch`: text, variable-size images, Slow-Fast
+videos)."""
 
 from __future__ import annotations
 
@@ -20,76 +17,24 @@ from examples.keye_vl.llm import (
     load_full_state,
     transformer_config,
 )
+from examples.keye_vl.toy_batch import ToySample, mixed_samples
 from examples.keye_vl.vision import TINY_VISION, VisionEncoder
 from hetero_parallel import ParallelPlan, initialize, teardown
 from hetero_parallel.balancer import BatchPlan, plan_global_batch
 from hetero_parallel.cost_model import CostModel
-from hetero_parallel.routing import SampleLayout, build_routing, microbatch_shapes
+from hetero_parallel.routing import build_routing, microbatch_shapes
 from hetero_parallel.step import StepOptions, hetero_train_step, make_microbatch
 
-BOS, FRAME, PAD_VISUAL = 1, 2, 3
-FIRST_TEXT = 4
 LR = 0.1
 COST = CostModel(vit_linear=1.0, vit_quadratic=0.01, llm_linear=1.0, llm_quadratic=0.001)
 
 
-@dataclass(frozen=True)
-class Sample:
-    sample_id: int
-    tokens: torch.Tensor
-    is_target: torch.Tensor
-    layout: SampleLayout
-    frames: tuple[tuple[torch.Tensor, ...], ...]
-    """Pixels per media per frame (uint8 ``[h, w, 3]``)."""
+def make_samples(seed: int, count: int = 12) -> list[ToySample]:
+    return mixed_samples(seed, count, TINY.vocab_size)
 
 
-
-def _frame(g: torch.Generator, h_tokens: int, w_tokens: int) -> torch.Tensor:
-    return torch.randint(0, 256, (28 * h_tokens, 28 * w_tokens, 3), generator=g,
-                         dtype=torch.uint8)
-
-
-def make_samples(seed: int, count: int = 12) -> list[Sample]:
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for sid in range(count):
-        kind = sid % 3  # text, images, video
-        media: list[tuple[torch.Tensor, ...]] = []
-        if kind == 1:
-            n_images = 1 + int(torch.randint(0, 2, (1,), generator=g))
-            for _ in range(n_images):
-                h, w = (int(x) for x in torch.randint(1, 4, (2,), generator=g))
-                media.append((_frame(g, h, w),))
-        elif kind == 2:
-            n_frames = int(torch.randint(3, 7, (1,), generator=g))
-            slow = (2, 2)
-            media.append(tuple(
-                _frame(g, *slow) if f % 3 == 0 else _frame(g, 1, 1) for f in range(n_frames)
-            ))
-        ids, target = [BOS], [False]
-        frame_tokens, frame_positions = [], []
-        for frames in media:
-            toks, poss = [], []
-            for f in frames:
-                n = (f.shape[0] // 28) * (f.shape[1] // 28)
-                ids.append(FRAME)
-                target.append(False)
-                poss.append(len(ids))
-                toks.append(n)
-                ids.extend([PAD_VISUAL] * n)
-                target.extend([False] * n)
-            frame_tokens.append(tuple(toks))
-            frame_positions.append(tuple(poss))
-        n_text = int(torch.randint(4, 20, (1,), generator=g))
-        ids.extend(torch.randint(FIRST_TEXT, TINY.vocab_size, (n_text,), generator=g).tolist())
-        target.extend([True] * n_text)
-        layout = SampleLayout(sid, len(ids), tuple(frame_tokens), tuple(frame_positions))
-        samples.append(Sample(sid, torch.tensor(ids), torch.tensor(target), layout, tuple(media)))
-    return samples
-
-
-def total_loss_tokens(samples: list[Sample]) -> int:
-    return int(sum(s.is_target[1:].sum() for s in samples))
+def total_loss_tokens(samples: list[ToySample]) -> int:
+    return sum(s.num_loss_tokens for s in samples)
 
 
 @dataclass
@@ -99,7 +44,7 @@ class Result:
     after: dict[str, torch.Tensor]
 
 
-def reference(samples: list[Sample], init_seed: int = 0) -> tuple[dict, Result]:
+def reference(samples: list[ToySample], init_seed: int = 0) -> tuple[dict, Result]:
     """Single model (ViT + projector + TP=1/PP=1 LLM), whole batch, one SGD step, on this rank."""
     groups = initialize(ParallelPlan(world_size=dist.get_world_size()), backend="gloo", seed=1)
     try:
@@ -138,13 +83,13 @@ def reference(samples: list[Sample], init_seed: int = 0) -> tuple[dict, Result]:
         teardown(groups)
 
 
-def plan_batch(samples: list[Sample], plan: ParallelPlan, num_microbatches: int) -> BatchPlan:
+def plan_batch(samples: list[ToySample], plan: ParallelPlan, num_microbatches: int) -> BatchPlan:
     return plan_global_batch([s.layout.spec() for s in samples], COST, num_replicas=plan.dp,
                              num_microbatches=num_microbatches, num_vit_ranks=plan.vit_dp,
                              frames_per_chunk=2)
 
 
-def hetero_step(plan: ParallelPlan, samples: list[Sample], initial: dict, batch: BatchPlan,
+def hetero_step(plan: ParallelPlan, samples: list[ToySample], initial: dict, batch: BatchPlan,
                 options: StepOptions | None = None) -> tuple[Result, dict[str, float]]:
     """One step of the heterogeneous placement; gathers this rank's view of grads and weights."""
     from megatron.core.distributed import (

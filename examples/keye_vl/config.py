@@ -1,0 +1,71 @@
+"""Model sizes and the four Keye-VL-1.5 pre-training stages as configs.
+
+- stage 1 (alignment): only the projector trains; ViT and LLM are frozen.
+- stage 2 (multi-task pre-training): everything trains, 8K context.
+- stage 3 (annealing): long context, RoPE base 1e6 -> 8e6, context + pipeline parallelism,
+  token mix video:image:text = 24:50:26.
+- stage 4 (model fusion): no training; ``merge.py`` averages an expert checkpoint into the base.
+
+Every trained stage starts from the previous stage's checkpoint (``init_from``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from examples.keye_vl.llm import QWEN3_8B, TINY, LLMShape
+from examples.keye_vl.vision import SIGLIP_400M, TINY_VISION, VisionShape
+
+COMPONENTS = ("vision", "projector", "llm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str
+    llm: LLMShape
+    vision: VisionShape
+
+
+MODELS = {
+    "tiny": ModelConfig(name="tiny", llm=TINY, vision=TINY_VISION),
+    "keye-vl-1.5-8b": ModelConfig(name="keye-vl-1.5-8b", llm=QWEN3_8B, vision=SIGLIP_400M),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """One pre-training stage. Parallel sizes are for the 8B model on a cluster; the CPU demo
+    overrides them from the command line."""
+
+    stage: int
+    name: str
+    trainable: frozenset[str]
+    """Which of ``COMPONENTS`` receive gradients."""
+    seq_len: int
+    rotary_base: float
+    mixture: dict[str, float] | None = field(default=None)
+    """Dataset weights (None: the manifest's natural mix)."""
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    lr: float = 1e-4
+    init_from: int | None = None
+    """The stage whose checkpoint this one starts from."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.trainable) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"stage {self.stage}: unknown components {sorted(unknown)}; "
+                             f"expected a subset of {COMPONENTS}")
+
+
+STAGES = {
+    1: StageConfig(stage=1, name="alignment", trainable=frozenset({"projector"}), seq_len=8192,
+                   rotary_base=1e6, lr=1e-3),
+    2: StageConfig(stage=2, name="pretrain", trainable=frozenset(COMPONENTS), seq_len=8192,
+                   rotary_base=1e6, init_from=1),
+    3: StageConfig(stage=3, name="anneal", trainable=frozenset(COMPONENTS), seq_len=131_072,
+                   rotary_base=8e6, mixture={"video": 24.0, "image": 50.0, "text": 26.0},
+                   tp=4, pp=4, cp=8, lr=2e-5, init_from=2),
+}
+"""Stage 4 (fusion) is ``merge.py``, not a training run."""

@@ -1,0 +1,58 @@
+"""Stage configs and stage-4 model fusion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from examples.keye_vl.config import MODELS, STAGES, StageConfig
+from examples.keye_vl.merge import main as merge_main
+from examples.keye_vl.merge import merge_state_dicts
+
+
+def test_stage_chain_and_settings():
+    assert STAGES[1].trainable == {"projector"}
+    assert STAGES[2].trainable == {"vision", "projector", "llm"}
+    assert STAGES[3].rotary_base == 8e6 and STAGES[2].rotary_base == 1e6
+    assert STAGES[3].mixture == {"video": 24.0, "image": 50.0, "text": 26.0}
+    assert STAGES[3].cp > 1 and STAGES[3].pp > 1
+    for s in (2, 3):
+        assert STAGES[s].init_from == s - 1
+    with pytest.raises(ValueError, match=r"unknown components \['decoder'\]"):
+        StageConfig(stage=9, name="x", trainable=frozenset({"decoder"}), seq_len=1, rotary_base=1)
+
+
+def test_real_8b_shapes():
+    m = MODELS["keye-vl-1.5-8b"]
+    assert (m.llm.num_layers, m.llm.hidden_size, m.llm.ffn_hidden_size) == (36, 4096, 12288)
+    assert (m.llm.num_attention_heads, m.llm.num_query_groups, m.llm.head_dim) == (32, 8, 128)
+    assert m.vision.llm_hidden_size == m.llm.hidden_size
+
+
+def test_merge_is_the_weighted_average(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a = {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g),
+         "step": torch.tensor(7)}
+    b = {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g),
+         "step": torch.tensor(7)}
+    merged = merge_state_dicts([a, b], [0.7, 0.3])
+    torch.testing.assert_close(merged["w"], 0.7 * a["w"] + 0.3 * b["w"])
+    torch.testing.assert_close(merged["b"], 0.7 * a["b"] + 0.3 * b["b"])
+    assert merged["step"].item() == 7
+    # Weights are normalised; the command line writes the same thing.
+    torch.save({"model": a}, tmp_path / "a.pt")
+    torch.save(b, tmp_path / "b.pt")
+    merge_main([f"{tmp_path / 'a.pt'}:7", f"{tmp_path / 'b.pt'}:3", "--out",
+                str(tmp_path / "m.pt")])
+    out = torch.load(tmp_path / "m.pt", weights_only=True)["model"]
+    torch.testing.assert_close(out["w"], merged["w"])
+
+
+def test_merge_refuses_mismatched_models():
+    a = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
+    with pytest.raises(ValueError, match="w: shapes differ"):
+        merge_state_dicts([a, {"w": torch.zeros(4, 3), "b": torch.zeros(4)}], [1, 1])
+    with pytest.raises(ValueError, match=r"missing \['b'\]"):
+        merge_state_dicts([a, {"w": torch.zeros(3, 4)}], [1, 1])
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        merge_state_dicts([a, a], [1, -1])

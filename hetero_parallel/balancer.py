@@ -1,0 +1,755 @@
+"""Deterministic greedy balancer: one global batch -> LLM replicas, micro-batches and ViT ranks.
+
+Every rank calls ``plan_global_batch`` with the same samples and gets a bit-identical ``BatchPlan``
+(no communication). Two independent placements:
+
+- **LLM.** Each sample (its text and the slots of its visual tokens) goes to one data-parallel
+  replica and one of its ``num_microbatches`` micro-batches, by longest-processing-time first (LPT)
+  on ``CostModel.llm_cost``: samples in decreasing cost, each to the least-loaded replica that can
+  take it, and inside it to the least-loaded micro-batch with token room (an empty micro-batch
+  first). Constraints: every replica gets ``num_microbatches`` non-empty micro-batches; no
+  micro-batch exceeds ``max_tokens_per_microbatch``; with ``equal_samples_per_replica`` every
+  replica gets ``len(samples) / num_replicas`` samples. Micro-batches are then ordered for the
+  pipeline: the lightest at both ends, the heaviest in the middle.
+- **ViT.** Each media item (an image, or a chunk of ``frames_per_chunk`` consecutive video frames)
+  goes to one of ``num_vit_ranks`` ranks by LPT on ``CostModel`` ViT cost, wherever its sample's
+  text went.
+
+Determinism: items are ordered by (decreasing cost, sample id, media index, first frame); ties
+between bins go to the lowest index. Costs are computed from exact integer sums, and a bin's load is
+the sum of its items' costs added in placement order, so the plan depends on nothing but the input
+(not on the order of ``samples`` either: everything is keyed by sample id).
+
+The plan is stored as flat numpy arrays; the whole-batch tuple views (``microbatches``,
+``media_chunks``) are built on first use, and the per-rank views (``samples_for_replica``,
+``chunks_for_vit_rank``, ``chunks_for_replica``) take one O(batch) numpy scan each.
+
+Speed: 16,384 Keye-like samples (~550K frames, ~81K chunks) over 1,024 replicas x 8 micro-batches
+and 8,192 ViT ranks plan in ~45 ms on one CPU core (``benchmarks/bench_balancer.py``): LPT over many
+bins runs as a windowed numpy loop (``lpt_assign``) and sizes travel as packed bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from hetero_parallel.cost_model import CostModel
+
+DEFAULT_FRAMES_PER_CHUNK = 8
+_FRAME_BYTES = operator.attrgetter("_frame_bytes")
+_MEDIA_FRAMES_BYTES = operator.attrgetter("_media_frames_bytes")
+_WIRE = np.dtype("<i4")  # frame token counts fit easily; half the bytes to join
+_MAX_FRAME_TOKENS = 2**31 - 1
+_HEADER = np.dtype("<i8")
+_HEADER_BYTES = operator.attrgetter("_header_bytes")
+
+
+# --- inputs -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MediaSpec:
+    """One image (one frame) or one video (one entry per sampled frame) in LLM tokens per frame.
+
+    Slow-Fast video frames differ in size. ViT patches per frame are
+    ``CostModel.patches_per_token`` times the tokens.
+    """
+
+    tokens_per_frame: tuple[int, ...]
+    num_tokens: int = field(init=False, repr=False, compare=False)
+    """Sum of ``tokens_per_frame``."""
+
+    def __post_init__(self) -> None:
+        tokens = tuple(self.tokens_per_frame)
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu" or arr.min() < 1 \
+                or arr.max() > _MAX_FRAME_TOKENS:
+            raise ValueError(
+                f"MediaSpec.tokens_per_frame must be a non-empty sequence of ints in "
+                f"[1, {_MAX_FRAME_TOKENS}], got {_preview(tokens)}"
+            )
+        arr = arr.astype(np.int64)
+        arr.flags.writeable = False
+        object.__setattr__(self, "tokens_per_frame", tokens)
+        object.__setattr__(self, "_tokens", arr)
+        object.__setattr__(self, "num_tokens", int(arr.sum()))
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.tokens_per_frame)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One sample of the global batch.
+
+    Its LLM sequence length is ``num_tokens = text_tokens + sum of all media tokens``; text tokens
+    include every special token (image / frame markers, timestamps). ``sample_id`` is unique in a
+    batch and keys every output.
+    """
+
+    sample_id: int
+    text_tokens: int
+    media: tuple[MediaSpec, ...] = ()
+    num_tokens: int = field(init=False, repr=False, compare=False)
+    """LLM sequence length: text plus every media token."""
+    num_media: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.sample_id) or self.sample_id < 0:
+            raise ValueError(f"SampleSpec.sample_id must be an int >= 0, got {self.sample_id!r}")
+        if not _is_int(self.text_tokens) or self.text_tokens < 0:
+            raise ValueError(f"sample {self.sample_id}: text_tokens must be an int >= 0, got "
+                             f"{self.text_tokens!r}")
+        media = tuple(self.media)
+        if not all(isinstance(m, MediaSpec) for m in media):
+            raise TypeError(f"sample {self.sample_id}: media must be MediaSpec items")
+        object.__setattr__(self, "media", media)
+        total = self.text_tokens + sum(m.num_tokens for m in media)
+        if total < 1:
+            raise ValueError(f"sample {self.sample_id} has 0 tokens")
+        object.__setattr__(self, "num_tokens", total)
+        object.__setattr__(self, "num_media", len(media))
+        # Packed as bytes: the planner joins 16K samples' frames with one b"".join (~1 ms)
+        # where np.concatenate of 16K small arrays takes ~10 ms.
+        frames = np.concatenate([m._tokens for m in media]) if media else np.zeros(0, np.int64)
+        counts = np.asarray([m.num_frames for m in media], dtype=np.int64)
+        object.__setattr__(self, "_header_bytes", np.array(
+            [self.sample_id, total, len(media)], dtype=_HEADER).tobytes())
+        object.__setattr__(self, "_frame_bytes", frames.astype(_WIRE).tobytes())
+        object.__setattr__(self, "_media_frames_bytes", counts.astype(_WIRE).tobytes())
+
+
+# --- outputs ------------------------------------------------------------------------------------
+@dataclass(frozen=True, order=True)
+class MediaChunk:
+    """Frames ``[frame_start, frame_stop)`` of media item ``media_index`` of a sample, and the ViT
+    rank that encodes them.
+
+    An image is the chunk ``[0, 1)``. A sample's visual tokens, in sequence order, are its chunks
+    sorted by ``(media_index, frame_start)`` (see ``BatchPlan.chunks_for_sample``). Chunks sort by
+    (sample id, media index, frame start), the order of ``BatchPlan.media_chunks``.
+    """
+
+    sample_id: int
+    media_index: int
+    frame_start: int
+    frame_stop: int
+    vit_rank: int
+
+
+@dataclass(frozen=True)
+class PhaseReport:
+    """Load balance of one phase: ``loads[r]`` is the modelled cost (seconds) of rank ``r``.
+
+    ``lower_bound = max(total / ranks, largest item)``: no placement of these indivisible items can
+    have a smaller maximum. ``outliers`` are the items whose cost alone exceeds the fair share
+    ``total / ranks``, as ``(item, cost)`` with ``item`` a sample id (LLM) or an index into
+    ``BatchPlan.media_chunks`` (ViT), largest first.
+    """
+
+    loads: tuple[float, ...]
+    total: float
+    largest_item: float
+    outliers: tuple[tuple[int, float], ...]
+
+    @property
+    def max(self) -> float:
+        return max(self.loads)
+
+    @property
+    def mean(self) -> float:
+        return self.total / len(self.loads)
+
+    @property
+    def lower_bound(self) -> float:
+        return max(self.mean, self.largest_item)
+
+    @property
+    def max_over_mean(self) -> float:
+        return _ratio(self.max, self.mean)
+
+    @property
+    def max_over_lower_bound(self) -> float:
+        return _ratio(self.max, self.lower_bound)
+
+    @classmethod
+    def build(cls, loads: np.ndarray, item_costs: np.ndarray, item_keys: np.ndarray) -> PhaseReport:
+        """Report for ``loads`` given every item's cost and key (same order)."""
+        total = float(np.sum(item_costs))
+        fair = total / len(loads)
+        big = np.flatnonzero(item_costs > fair)
+        big = big[np.lexsort((item_keys[big], -item_costs[big]))]
+        return cls(
+            loads=tuple(loads.tolist()),
+            total=total,
+            largest_item=float(item_costs.max()) if item_costs.size else 0.0,
+            outliers=tuple(zip(item_keys[big].tolist(), item_costs[big].tolist(), strict=True)),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class BatchPlan:
+    """Where every sample and media chunk of one global batch goes. Compare plans with ``digest``.
+
+    Arrays (read-only, int64 unless noted):
+    - ``sample_ids[i]``, ``replica[i]``, ``microbatch[i]`` for sample ``i`` in increasing id order;
+    - ``chunk_*[k]`` for chunk ``k`` in (sample id, media index, frame start) order
+      (``chunk_tokens``: the visual tokens it yields, to size the ViT -> LLM exchange);
+    - ``microbatch_costs[r, j]`` (float64) the LLM cost of micro-batch ``j`` of replica ``r``.
+    """
+
+    num_replicas: int
+    num_microbatches: int
+    num_vit_ranks: int
+    sample_ids: np.ndarray
+    replica: np.ndarray
+    microbatch: np.ndarray
+    sample_tokens: np.ndarray
+    microbatch_costs: np.ndarray
+    chunk_sample_id: np.ndarray
+    chunk_media_index: np.ndarray
+    chunk_frame_start: np.ndarray
+    chunk_frame_stop: np.ndarray
+    chunk_vit_rank: np.ndarray
+    chunk_tokens: np.ndarray
+    """LLM tokens (visual embeddings after the patch merge) each chunk produces."""
+    llm_report: PhaseReport
+    vit_report: PhaseReport
+
+    # --- LLM side ---
+    def placement(self, sample_id: int) -> tuple[int, int]:
+        """``(replica, micro-batch)`` of ``sample_id`` (``KeyError`` if it is not in the batch)."""
+        i = self._position(sample_id)
+        return int(self.replica[i]), int(self.microbatch[i])
+
+    def samples_for_replica(self, replica: int) -> tuple[tuple[int, ...], ...]:
+        """The micro-batches of one replica in pipeline order, each a tuple of increasing ids.
+        O(batch size): what one replica's loader needs, without building the whole table."""
+        self._check_index("replica", replica, self.num_replicas)
+        rows = np.flatnonzero(self.replica == replica)
+        mbs = self.microbatch[rows]
+        return tuple(tuple(self.sample_ids[rows[mbs == j]].tolist())
+                     for j in range(self.num_microbatches))
+
+    @cached_property
+    def microbatches(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        """``microbatches[replica][mb]``: sample ids, increasing inside each micro-batch."""
+        m = self.num_microbatches
+        rows = np.lexsort((self.sample_ids, self.microbatch, self.replica))
+        ids = self.sample_ids[rows].tolist()
+        bounds = _offsets(self.replica * m + self.microbatch, self.num_replicas * m).tolist()
+        return tuple(
+            tuple(tuple(ids[bounds[r * m + j]:bounds[r * m + j + 1]]) for j in range(m))
+            for r in range(self.num_replicas)
+        )
+
+    # --- ViT side ---
+    @cached_property
+    def media_chunks(self) -> tuple[MediaChunk, ...]:
+        """Every chunk, in (sample id, media index, frame start) order."""
+        return self._chunks(np.arange(self.chunk_sample_id.size))
+
+    def chunks_for_vit_rank(self, rank: int) -> tuple[MediaChunk, ...]:
+        """The chunks ViT rank ``rank`` encodes, in (sample id, media index, frame start) order."""
+        self._check_index("rank", rank, self.num_vit_ranks)
+        return self._chunks(np.flatnonzero(self.chunk_vit_rank == rank))
+
+    @cached_property
+    def chunk_replica(self) -> np.ndarray:
+        """LLM replica that owns each chunk's sample (where its embeddings must go)."""
+        out = self.replica[np.searchsorted(self.sample_ids, self.chunk_sample_id)]
+        out.flags.writeable = False
+        return out
+
+    def chunks_for_replica(self, replica: int) -> tuple[MediaChunk, ...]:
+        """Chunks of the samples of one LLM replica, in (sample id, media index, frame start)
+        order: what its first pipeline stage receives from the ViT ranks."""
+        self._check_index("replica", replica, self.num_replicas)
+        return self._chunks(np.flatnonzero(self.chunk_replica == replica))
+
+    def chunks_for_sample(self, sample_id: int) -> tuple[MediaChunk, ...]:
+        """A sample's chunks in visual-token order (their frames, concatenated, are its media)."""
+        self._position(sample_id)
+        lo, hi = np.searchsorted(self.chunk_sample_id, [sample_id, sample_id + 1])
+        return self._chunks(np.arange(lo, hi))
+
+    # --- comparison ---
+    def digest(self) -> str:
+        """SHA-256 of every assignment (not the reports): equal digests, identical plans."""
+        h = hashlib.sha256()
+        h.update(np.asarray([self.num_replicas, self.num_microbatches, self.num_vit_ranks],
+                            dtype="<i8").tobytes())
+        for arr in (self.sample_ids, self.replica, self.microbatch, self.chunk_sample_id,
+                    self.chunk_media_index, self.chunk_frame_start, self.chunk_frame_stop,
+                    self.chunk_vit_rank, self.chunk_tokens):
+            h.update(np.ascontiguousarray(arr, dtype="<i8").tobytes())
+        return h.hexdigest()
+
+    def _chunks(self, rows: np.ndarray) -> tuple[MediaChunk, ...]:
+        cols = (self.chunk_sample_id[rows].tolist(), self.chunk_media_index[rows].tolist(),
+                self.chunk_frame_start[rows].tolist(), self.chunk_frame_stop[rows].tolist(),
+                self.chunk_vit_rank[rows].tolist())
+        return tuple(MediaChunk(*c) for c in zip(*cols, strict=True))
+
+    def _position(self, sample_id: int) -> int:
+        i = int(np.searchsorted(self.sample_ids, sample_id))
+        if i == self.sample_ids.size or self.sample_ids[i] != sample_id:
+            raise KeyError(f"sample {sample_id} is not in this batch")
+        return i
+
+    @staticmethod
+    def _check_index(name: str, value: int, size: int) -> None:
+        if not 0 <= value < size:
+            raise IndexError(f"{name} {value} out of range [0, {size})")
+
+
+# --- the planner --------------------------------------------------------------------------------
+def plan_global_batch(
+    samples: Sequence[SampleSpec],
+    cost_model: CostModel,
+    *,
+    num_replicas: int,
+    num_microbatches: int,
+    num_vit_ranks: int,
+    max_tokens_per_microbatch: int | None = None,
+    equal_samples_per_replica: bool = False,
+    frames_per_chunk: int = DEFAULT_FRAMES_PER_CHUNK,
+) -> BatchPlan:
+    """Place one global batch (see the module docstring for the rules).
+
+    Raises ``ValueError`` (naming the values) for: a non-positive count; duplicate sample ids; fewer
+    samples than ``num_replicas * num_microbatches`` (every micro-batch needs one); a sample longer
+    than ``max_tokens_per_microbatch``; ``equal_samples_per_replica`` with ``len(samples)`` not a
+    multiple of ``num_replicas``; and a batch the greedy cannot fit under the token cap.
+    """
+    for name, value in (("num_replicas", num_replicas), ("num_microbatches", num_microbatches),
+                        ("num_vit_ranks", num_vit_ranks), ("frames_per_chunk", frames_per_chunk)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    cap = max_tokens_per_microbatch
+    if cap is not None and (not _is_int(cap) or cap < 1):
+        raise ValueError(f"max_tokens_per_microbatch must be an int >= 1 or None, got {cap!r}")
+
+    n = len(samples)
+    header = np.frombuffer(b"".join(map(_HEADER_BYTES, samples)), dtype=_HEADER).reshape(n, 3)
+    by_id = np.argsort(header[:, 0], kind="stable")
+    ids, tokens, media_count = (np.ascontiguousarray(col) for col in header[by_id].T)
+    samples = [samples[i] for i in by_id.tolist()]
+    if n > 1 and (dup := np.flatnonzero(ids[1:] == ids[:-1])).size:
+        raise ValueError(f"sample id {int(ids[dup[0]])} appears more than once in the batch")
+    slots = num_replicas * num_microbatches
+    if n < slots:
+        raise ValueError(
+            f"{n} samples cannot fill num_replicas({num_replicas}) * "
+            f"num_microbatches({num_microbatches}) = {slots} micro-batches (each needs a sample)"
+        )
+    if equal_samples_per_replica and n % num_replicas:
+        raise ValueError(
+            f"equal_samples_per_replica: {n} samples do not divide evenly over "
+            f"num_replicas({num_replicas})"
+        )
+    if cap is not None and (over := np.flatnonzero(tokens > cap)).size:
+        i = int(over[np.argmax(tokens[over])])
+        raise ValueError(
+            f"sample {int(ids[i])} has {int(tokens[i])} tokens, more than "
+            f"max_tokens_per_microbatch({cap}) ({over.size} sample(s) over the cap)"
+        )
+
+    llm_cost = np.asarray(cost_model.llm_cost(tokens), dtype=np.float64)
+    replica, microbatch, mb_costs = _place_samples(
+        llm_cost, tokens, ids, num_replicas, num_microbatches, cap,
+        n // num_replicas if equal_samples_per_replica else None,
+    )
+    microbatch, mb_costs = _pipeline_order(replica, microbatch, mb_costs, ids)
+
+    chunks = _media_chunks(samples, ids, media_count, frames_per_chunk, cost_model)
+    chunk_ids, media_index, start, stop, chunk_tokens, vit_cost = chunks
+    # Chunks are in (sample id, media index, frame start) order: a stable sort breaks ties so.
+    order = np.argsort(-vit_cost, kind="stable")
+    vit_rank = np.empty(chunk_ids.size, dtype=np.int64)
+    vit_rank[order], vit_loads = lpt_assign(vit_cost[order], num_vit_ranks)
+
+    arrays = dict(
+        sample_ids=ids, replica=replica, microbatch=microbatch, sample_tokens=tokens,
+        microbatch_costs=mb_costs, chunk_sample_id=chunk_ids, chunk_media_index=media_index,
+        chunk_frame_start=start, chunk_frame_stop=stop, chunk_vit_rank=vit_rank,
+        chunk_tokens=chunk_tokens,
+    )
+    for arr in arrays.values():
+        arr.flags.writeable = False
+    return BatchPlan(
+        num_replicas=num_replicas,
+        num_microbatches=num_microbatches,
+        num_vit_ranks=num_vit_ranks,
+        llm_report=PhaseReport.build(mb_costs.sum(axis=1), llm_cost, ids),
+        vit_report=PhaseReport.build(vit_loads, vit_cost, np.arange(chunk_ids.size)),
+        **arrays,
+    )
+
+
+# --- LPT over identical bins --------------------------------------------------------------------
+def lpt_assign(costs: np.ndarray, num_bins: int,
+               *, heap_below: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``(bin of each item, final load of each bin)`` when items arrive in the given order
+    (normally decreasing cost) and each goes to the least-loaded bin, ties to the lowest index.
+
+    Identical to the textbook heap loop (``lpt_assign_reference``), but it places a whole *window*
+    of items per numpy step: with bins sorted by (load, index), the ``j``-th item of the window goes
+    to the ``j``-th bin as long as that bin's load is strictly below the new load of every bin
+    already given an item in this window. Ties end a window early and are resolved by a re-sort.
+    Once windows shrink below ``heap_below`` items (small items filling the lowest bins one by one)
+    the rest runs as the heap loop, which is faster there.
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    n = costs.size
+    out = np.empty(n, dtype=np.int64)
+    order = np.arange(num_bins)
+    loads = np.zeros(num_bins)  # loads[k] is the load of bin order[k]; sorted by (load, bin)
+    pos = 0
+    while pos < n:
+        k = min(num_bins, n - pos)
+        new = loads[:k] + costs[pos:pos + k]
+        blocked = np.flatnonzero(loads[1:k] >= np.minimum.accumulate(new[:-1]))
+        width = int(blocked[0]) + 1 if blocked.size else k
+        if width < heap_below and width < n - pos:
+            return _lpt_heap_tail(costs, pos, out, order, loads)
+        out[pos:pos + width] = order[:width]
+        loads[:width] = new[:width]
+        perm = np.argsort(loads, kind="stable")
+        loads, order = loads[perm], order[perm]
+        _sort_ties_by_index(loads, order)
+        pos += width
+    final = np.empty(num_bins)
+    final[order] = loads
+    return out, final
+
+
+def _lpt_heap_tail(costs: np.ndarray, pos: int, out: np.ndarray, order: np.ndarray,
+                   loads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    heap = list(zip(loads.tolist(), order.tolist(), strict=True))  # sorted, hence a heap
+    chosen = []
+    replace = heapq.heapreplace
+    for c in costs[pos:].tolist():
+        load, b = heap[0]
+        replace(heap, (load + c, b))
+        chosen.append(b)
+    out[pos:] = chosen
+    final = np.empty(len(heap))
+    final[[b for _, b in heap]] = [load for load, _ in heap]
+    return out, final
+
+
+def _sort_ties_by_index(loads: np.ndarray, order: np.ndarray) -> None:
+    """Inside runs of equal loads (already sorted by load), sort ``order`` ascending, in place."""
+    eq = loads[1:] == loads[:-1]
+    if not eq.any():
+        return
+    in_run = np.zeros(loads.size, dtype=bool)
+    in_run[1:] |= eq
+    in_run[:-1] |= eq
+    rows = np.flatnonzero(in_run)
+    order[rows] = order[rows][np.lexsort((order[rows], loads[rows]))]
+
+
+def lpt_assign_reference(costs: Sequence[float], num_bins: int) -> tuple[list[int], list[float]]:
+    """The textbook LPT loop (heap of (load, bin)); ``lpt_assign`` must return the same."""
+    heap = [(0.0, b) for b in range(num_bins)]
+    out = []
+    for c in costs:
+        load, b = heapq.heappop(heap)
+        heapq.heappush(heap, (load + float(c), b))
+        out.append(b)
+    loads = [0.0] * num_bins
+    for load, b in heap:
+        loads[b] = load
+    return out, loads
+
+
+# --- LLM placement ------------------------------------------------------------------------------
+def _place_samples(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray, num_replicas: int,
+                   num_microbatches: int, cap: int | None,
+                   quota: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(replica, micro-batch, micro-batch costs) of every sample (positions as in ``ids``)."""
+    order = np.argsort(-cost, kind="stable")  # ids are increasing: ties go to the smaller id
+    replica_cap = None if cap is None else cap * num_microbatches
+    replica = _assign_replicas(cost[order], tokens[order], num_replicas, num_microbatches,
+                               replica_cap, quota)
+    placed = None if replica is None else _assign_microbatches(
+        cost[order], tokens[order], replica, num_replicas, num_microbatches, cap)
+    if placed is None:
+        # Some item found no room: redo with the joint (replica, micro-batch) check. It gives
+        # the fast path's plan whenever that succeeds (a replica with a micro-batch that has room
+        # also has total room), and otherwise fits more or names the item that fits nowhere.
+        replica, mb, mb_costs = _place_joint(cost[order], tokens[order], ids[order], num_replicas,
+                                             num_microbatches, cap, quota)
+    else:
+        mb, mb_costs = placed
+    rep_out = np.empty_like(replica)
+    mb_out = np.empty_like(mb)
+    rep_out[order] = replica
+    mb_out[order] = mb
+    return rep_out, mb_out, mb_costs
+
+
+def _assign_replicas(cost: np.ndarray, tokens: np.ndarray, num_replicas: int,
+                     num_microbatches: int, replica_cap: int | None,
+                     quota: int | None) -> np.ndarray | None:
+    """Replica of each item (items in placement order) by constrained LPT on replica totals;
+    None when an item finds no replica with total token room.
+
+    Runs the unconstrained ``lpt_assign`` first; its assignment is the constrained one up to the
+    first item where a constraint would bind (a full quota, a replica out of token room, or only as
+    many items left as empty micro-batches). From there on a heap loop applies the constraints.
+    """
+    n = cost.size
+    m = num_microbatches
+    bins, _ = lpt_assign(cost, num_replicas)
+    rank = _rank_within(bins, num_replicas)
+    stops = [n]
+    if quota is not None and (over := np.flatnonzero(rank >= quota)).size:
+        stops.append(int(over[0]))
+    fills = np.concatenate(([0], np.cumsum(rank < m)[:-1]))  # empty micro-batches filled before i
+    gap = (n - np.arange(n)) - (num_replicas * m - fills)
+    if (tight := np.flatnonzero(gap == 0)).size:
+        stops.append(int(tight[0]))
+    if replica_cap is not None:
+        by_bin = np.argsort(bins, kind="stable")
+        used = np.empty(n, dtype=np.int64)
+        used[by_bin] = _group_cumsum(tokens[by_bin], bins[by_bin])
+        if (over := np.flatnonzero(used > replica_cap)).size:
+            stops.append(int(over[0]))
+    start = min(stops)
+    if start == n:
+        return bins
+
+    prefix = bins[:start]
+    counts = np.bincount(prefix, minlength=num_replicas).tolist()
+    loads = np.zeros(num_replicas)
+    np.add.at(loads, prefix, cost[:start])  # in item order: the same additions as the greedy
+    room = None
+    if replica_cap is not None:
+        room = (replica_cap - _sum_by(prefix, tokens[:start], num_replicas)).tolist()
+    heap = [(load, r) for r, load in enumerate(loads.tolist())
+            if quota is None or counts[r] < quota]
+    heapq.heapify(heap)
+    deficit = sum(max(0, m - c) for c in counts)
+    forced = False
+    out = prefix.tolist() + [0] * (n - start)
+    for i in range(start, n):
+        c = float(cost[i])
+        t = int(tokens[i])
+        if not forced and n - i == deficit:
+            # Only as many samples left as empty micro-batches: they all go to those.
+            forced = True
+            heap = [e for e in heap if counts[e[1]] < m]
+            heapq.heapify(heap)
+        skipped = []
+        while heap:
+            load, r = heap[0]
+            if room is None or room[r] >= t:
+                break
+            skipped.append(heapq.heappop(heap))
+        else:
+            return None  # the joint path reaches the same item and reports it
+        counts[r] += 1
+        if counts[r] <= m:
+            deficit -= 1
+        if room is not None:
+            room[r] -= t
+        out[i] = r
+        if (quota is not None and counts[r] == quota) or (forced and counts[r] == m):
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, (load + c, r))
+        for e in skipped:
+            heapq.heappush(heap, e)
+    return np.asarray(out, dtype=np.int64)
+
+
+def _assign_microbatches(cost: np.ndarray, tokens: np.ndarray, replica: np.ndarray,
+                         num_replicas: int, num_microbatches: int,
+                         cap: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """LPT of each replica's items (in placement order) over its micro-batches, all replicas at
+    once: round ``k`` places the ``k``-th item of every replica. None if an item fits nowhere."""
+    n = cost.size
+    rank_in_replica = _rank_within(replica, num_replicas)
+    rounds = np.argsort(rank_in_replica, kind="stable")
+    round_bounds = _offsets(rank_in_replica, int(rank_in_replica.max()) + 1)
+    loads = np.zeros((num_replicas, num_microbatches))
+    used = np.zeros((num_replicas, num_microbatches), dtype=np.int64)
+    counts = np.zeros((num_replicas, num_microbatches), dtype=np.int64)
+    mb = np.empty(n, dtype=np.int64)
+    for k in range(round_bounds.size - 1):
+        items = rounds[round_bounds[k]:round_bounds[k + 1]]
+        reps = replica[items]
+        key = np.where(counts[reps] == 0, -np.inf, loads[reps])
+        if cap is not None:
+            key[used[reps] + tokens[items, None] > cap] = np.inf
+        j = np.argmin(key, axis=1)
+        if cap is not None and np.isposinf(key[np.arange(items.size), j]).any():
+            return None
+        loads[reps, j] += cost[items]
+        used[reps, j] += tokens[items]
+        counts[reps, j] += 1
+        mb[items] = j
+    return mb, loads
+
+
+def _place_joint(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray, num_replicas: int,
+                 num_microbatches: int, cap: int, quota: int | None,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slow path of ``_place_samples``: a replica qualifies only if one of its micro-batches has
+    room. Items are in placement order."""
+    n = cost.size
+    m = num_microbatches
+    mb_load = [[0.0] * m for _ in range(num_replicas)]
+    mb_used = [[0] * m for _ in range(num_replicas)]
+    mb_count = [[0] * m for _ in range(num_replicas)]
+    counts = [0] * num_replicas
+    heap = [(0.0, r) for r in range(num_replicas)]
+    deficit = num_replicas * m
+    forced = False
+    rep_out = [0] * n
+    mb_out = [0] * n
+
+    def best_mb(r: int, t: int) -> int | None:
+        fits = [j for j in range(m) if mb_used[r][j] + t <= cap]
+        if not fits:
+            return None
+        return min(fits, key=lambda j: (mb_count[r][j] > 0, mb_load[r][j], j))
+
+    for i, (c, t) in enumerate(zip(cost.tolist(), tokens.tolist(), strict=True)):
+        if not forced and n - i == deficit:
+            forced = True
+            heap = [e for e in heap if counts[e[1]] < m]
+            heapq.heapify(heap)
+        skipped = []
+        while heap:
+            load, r = heap[0]
+            j = best_mb(r, t)
+            if j is not None:
+                break
+            skipped.append(heapq.heappop(heap))
+        else:
+            raise ValueError(
+                f"greedy placement found no micro-batch with room for sample {int(ids[i])} "
+                f"({t} tokens) under max_tokens_per_microbatch({cap}) with "
+                f"num_replicas({num_replicas}) x num_microbatches({m}) "
+                f"(batch: {int(tokens.sum())} tokens, capacity {num_replicas * m * cap}); "
+                "raise the cap, add micro-batches or replicas, or shrink the batch"
+            )
+        counts[r] += 1
+        if counts[r] <= m:
+            deficit -= 1
+        mb_load[r][j] += c
+        mb_used[r][j] += t
+        mb_count[r][j] += 1
+        rep_out[i], mb_out[i] = r, j
+        if (quota is not None and counts[r] == quota) or (forced and counts[r] == m):
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, (load + c, r))
+        for e in skipped:
+            heapq.heappush(heap, e)
+    return (np.asarray(rep_out, dtype=np.int64), np.asarray(mb_out, dtype=np.int64),
+            np.asarray(mb_load, dtype=np.float64))
+
+
+def _pipeline_order(replica: np.ndarray, microbatch: np.ndarray, mb_costs: np.ndarray,
+                    ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Renumber each replica's micro-batches: lightest first, second lightest last, and so on
+    inwards, so the heaviest sit in the middle of the pipeline schedule (ties: smallest id)."""
+    num_replicas, m = mb_costs.shape
+    first_id = np.full(num_replicas * m, np.iinfo(np.int64).max)
+    np.minimum.at(first_id, replica * m + microbatch, ids)
+    first_id = first_id.reshape(num_replicas, m)
+    rank = np.empty((num_replicas, m), dtype=np.int64)  # rank[r, j]: position of j by lightness
+    rows = np.repeat(np.arange(num_replicas), m)
+    by_light = np.lexsort((first_id.ravel(), mb_costs.ravel(), rows)).reshape(num_replicas, m) % m
+    rank[rows.reshape(num_replicas, m), by_light] = np.arange(m)
+    slot = np.where(rank % 2 == 0, rank // 2, m - 1 - rank // 2)
+    new_costs = np.empty_like(mb_costs)
+    new_costs[rows.reshape(num_replicas, m), slot] = mb_costs
+    return slot[replica, microbatch], new_costs
+
+
+# --- ViT items ----------------------------------------------------------------------------------
+def _media_chunks(samples: Sequence[SampleSpec], ids: np.ndarray, media_count: np.ndarray,
+                  frames_per_chunk: int, cost_model: CostModel) -> tuple[np.ndarray, ...]:
+    """(sample id, media index, frame start, frame stop, tokens, ViT cost) of every chunk, in
+    (sample id, media index, frame start) order. Images are never split."""
+    nf = np.frombuffer(b"".join(map(_MEDIA_FRAMES_BYTES, samples)), dtype=_WIRE).astype(np.int64)
+    if nf.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, empty, empty.copy(), np.zeros(0)
+    frame_tokens = np.frombuffer(b"".join(map(_FRAME_BYTES, samples)),
+                                 dtype=_WIRE).astype(np.int64)
+    media_sample = np.repeat(ids, media_count)
+    media_first = np.repeat(np.cumsum(media_count) - media_count, media_count)
+    media_index = np.arange(nf.size) - media_first
+    media_frame0 = np.cumsum(nf) - nf  # offset of each media's first frame in frame_tokens
+
+    per_media = -(-nf // frames_per_chunk)
+    chunk_media = np.repeat(np.arange(nf.size), per_media)
+    ordinal = np.arange(chunk_media.size) - np.repeat(np.cumsum(per_media) - per_media, per_media)
+    start = ordinal * frames_per_chunk
+    stop = np.minimum(start + frames_per_chunk, nf[chunk_media])
+
+    patches = frame_tokens * cost_model.patches_per_token
+    first = media_frame0[chunk_media] + start
+    tokens = np.add.reduceat(frame_tokens, first)
+    sum_p = np.add.reduceat(patches, first)
+    sum_p2 = np.add.reduceat(patches * patches, first)
+    cost = np.asarray(cost_model.group_cost("vit", sum_p, sum_p2, stop - start), dtype=np.float64)
+    return media_sample[chunk_media], media_index[chunk_media], start, stop, tokens, cost
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def _rank_within(keys: np.ndarray, size: int) -> np.ndarray:
+    """``rank[i]``: how many earlier items share item ``i``'s key."""
+    by_key = np.argsort(keys, kind="stable")
+    starts = _offsets(keys, size)
+    rank = np.empty(keys.size, dtype=np.int64)
+    rank[by_key] = np.arange(keys.size) - np.repeat(starts[:-1], np.diff(starts))
+    return rank
+
+
+def _group_cumsum(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """Running sum of integer ``values`` restarting at each new key (``sorted_keys`` grouped)."""
+    total = np.cumsum(values)
+    first = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
+    base = np.maximum.accumulate(np.where(first, np.arange(values.size), 0))
+    return total - (total[base] - values[base])
+
+
+def _sum_by(keys: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    """Exact integer sums of ``values`` per key."""
+    out = np.zeros(size, dtype=np.int64)
+    np.add.at(out, keys, values)
+    return out
+
+
+def _offsets(keys: np.ndarray, size: int) -> np.ndarray:
+    """``offsets[b]:offsets[b + 1]`` is where key ``b`` sits once ``keys`` are sorted."""
+    out = np.zeros(size + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys, minlength=size), out=out[1:])
+    return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else (1.0 if a == 0 else float("inf"))
+
+
+def _preview(values: tuple, limit: int = 8) -> str:
+    head = ", ".join(repr(v) for v in values[:limit])
+    return f"({head}{', ...' if len(values) > limit else ''}) [{len(values)} values]"

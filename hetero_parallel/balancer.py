@@ -369,12 +369,78 @@ def plan_global_batch(
     microbatch, mb_costs = _pipeline_order(replica, microbatch, mb_costs, ids)
 
     chunks = _media_chunks(samples, ids, media_count, frames_per_chunk, cost_model)
-    chunk_ids, media_index, start, stop, chunk_tokens, vit_cost = chunks
+    vit_cost = chunks[-1]
     # Chunks are in (sample id, media index, frame start) order: a stable sort breaks ties so.
     order = np.argsort(-vit_cost, kind="stable")
-    vit_rank = np.empty(chunk_ids.size, dtype=np.int64)
+    vit_rank = np.empty(vit_cost.size, dtype=np.int64)
     vit_rank[order], vit_loads = lpt_assign(vit_cost[order], num_vit_ranks)
+    return _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks, vit_rank,
+                     vit_loads, num_replicas, num_microbatches, num_vit_ranks)
 
+
+def plan_by_position(
+    samples: Sequence[SampleSpec],
+    cost_model: CostModel,
+    *,
+    num_replicas: int,
+    num_microbatches: int,
+    replica_vit_ranks: Sequence[Sequence[int]],
+    frames_per_chunk: int = DEFAULT_FRAMES_PER_CHUNK,
+) -> BatchPlan:
+    """The baseline: Megatron's split by position, with the ViT where the sample goes.
+
+    Samples in increasing id order are cut into ``num_replicas`` contiguous runs (the first
+    ``n % num_replicas`` runs one longer), each run into ``num_microbatches`` contiguous
+    micro-batches; a sample's media chunks go to the ViT ranks ``replica_vit_ranks[r]`` of its own
+    replica (Megatron's LLaVA layout: the ViT lives on pipeline stage 0), round robin in chunk
+    order.
+    The cost model only fills the reports. Same output type as `plan_global_batch`, so the same
+    routing and step code runs both.
+    """
+    if len(replica_vit_ranks) != num_replicas or any(not r for r in replica_vit_ranks):
+        raise ValueError(f"replica_vit_ranks needs a non-empty list of ViT ranks for each of the "
+                         f"{num_replicas} replicas, got {list(replica_vit_ranks)!r}")
+    num_vit_ranks = max(max(r) for r in replica_vit_ranks) + 1
+    n = len(samples)
+    if n < num_replicas * num_microbatches:
+        raise ValueError(f"{n} samples cannot fill num_replicas({num_replicas}) * "
+                         f"num_microbatches({num_microbatches}) micro-batches")
+    header = np.frombuffer(b"".join(map(_HEADER_BYTES, samples)), dtype=_HEADER).reshape(n, 3)
+    by_id = np.argsort(header[:, 0], kind="stable")
+    ids, tokens, media_count = (np.ascontiguousarray(col) for col in header[by_id].T)
+    samples = [samples[i] for i in by_id.tolist()]
+    replica = _contiguous_split(n, num_replicas)
+    microbatch = np.empty(n, dtype=np.int64)
+    for r in range(num_replicas):
+        rows = np.flatnonzero(replica == r)
+        microbatch[rows] = _contiguous_split(rows.size, num_microbatches)
+    llm_cost = np.asarray(cost_model.llm_cost(tokens), dtype=np.float64)
+    mb_costs = np.zeros((num_replicas, num_microbatches))
+    np.add.at(mb_costs, (replica, microbatch), llm_cost)
+
+    chunks = _media_chunks(samples, ids, media_count, frames_per_chunk, cost_model)
+    chunk_replica = replica[np.searchsorted(ids, chunks[0])]
+    vit_rank = np.empty(chunk_replica.size, dtype=np.int64)
+    for r in range(num_replicas):
+        rows = np.flatnonzero(chunk_replica == r)
+        vit_rank[rows] = np.asarray(replica_vit_ranks[r])[np.arange(rows.size)
+                                                          % len(replica_vit_ranks[r])]
+    vit_loads = np.zeros(num_vit_ranks)
+    np.add.at(vit_loads, vit_rank, chunks[-1])
+    return _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks, vit_rank,
+                     vit_loads, num_replicas, num_microbatches, num_vit_ranks)
+
+
+def _contiguous_split(n: int, parts: int) -> np.ndarray:
+    """Part index of each of ``n`` items cut into ``parts`` contiguous runs, longest first."""
+    sizes = np.full(parts, n // parts)
+    sizes[: n % parts] += 1
+    return np.repeat(np.arange(parts), sizes)
+
+
+def _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks, vit_rank, vit_loads,
+              num_replicas: int, num_microbatches: int, num_vit_ranks: int) -> BatchPlan:
+    chunk_ids, media_index, start, stop, chunk_tokens, vit_cost = chunks
     arrays = dict(
         sample_ids=ids, replica=replica, microbatch=microbatch, sample_tokens=tokens,
         microbatch_costs=mb_costs, chunk_sample_id=chunk_ids, chunk_media_index=media_index,

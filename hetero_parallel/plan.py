@@ -19,7 +19,7 @@ Terms:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 LLM_DIMS: tuple[str, ...] = ("tp", "cp", "dp", "pp")
 DEFAULT_ORDER = "tp-cp-ep-dp-pp"
@@ -230,6 +230,17 @@ class ParallelPlan:
     def token_loaders(self, replica: int) -> tuple[int, ...]:
         """Ranks of ``replica`` that load token ids: one on the first and one on the last stage."""
         return tuple(sorted({self.rank_of(dp=replica), self.rank_of(dp=replica, pp=self.pp - 1)}))
+
+    def with_vit_on_first_stage(self) -> ParallelPlan:
+        """The same LLM layout with ViT replicas only on the first pipeline stage (Megatron's
+        LLaVA layout, the baseline)."""
+        first = sorted(r for d in range(self.dp) for r in self.first_stage_ranks(d))
+        return replace(self, vit_ranks=tuple(first))
+
+    def replica_vit_indices(self, replica: int) -> tuple[int, ...]:
+        """ViT indices of the first-stage ranks of ``replica`` that host a ViT replica."""
+        indices = (self.vit_index(r) for r in self.first_stage_ranks(replica))
+        return tuple(i for i in indices if i is not None)
 
     def routing_ranks(self) -> tuple[int, ...]:
         """Ranks that take part in moving visual embeddings: ViT ranks and first-stage ranks."""

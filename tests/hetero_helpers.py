@@ -20,7 +20,7 @@ from examples.keye_vl.llm import (
 from examples.keye_vl.toy_batch import ToySample, mixed_samples
 from examples.keye_vl.vision import TINY_VISION, VisionEncoder
 from hetero_parallel import ParallelPlan, initialize, teardown
-from hetero_parallel.balancer import BatchPlan, plan_global_batch
+from hetero_parallel.balancer import BatchPlan, plan_by_position, plan_global_batch
 from hetero_parallel.cost_model import CostModel
 from hetero_parallel.routing import build_routing, microbatch_shapes
 from hetero_parallel.step import StepOptions, hetero_train_step, make_microbatch
@@ -83,8 +83,17 @@ def reference(samples: list[ToySample], init_seed: int = 0) -> tuple[dict, Resul
         teardown(groups)
 
 
-def plan_batch(samples: list[ToySample], plan: ParallelPlan, num_microbatches: int) -> BatchPlan:
-    return plan_global_batch([s.layout.spec() for s in samples], COST, num_replicas=plan.dp,
+def plan_batch(samples: list[ToySample], plan: ParallelPlan, num_microbatches: int,
+               baseline: bool = False) -> BatchPlan:
+    """Balanced plan, or with ``baseline`` the position split with the ViT on stage 0 (``plan``
+    must then be ``with_vit_on_first_stage()``)."""
+    specs = [s.layout.spec() for s in samples]
+    if baseline:
+        return plan_by_position(
+            specs, COST, num_replicas=plan.dp, num_microbatches=num_microbatches,
+            replica_vit_ranks=[plan.replica_vit_indices(d) for d in range(plan.dp)],
+            frames_per_chunk=2)
+    return plan_global_batch(specs, COST, num_replicas=plan.dp,
                              num_microbatches=num_microbatches, num_vit_ranks=plan.vit_dp,
                              frames_per_chunk=2)
 

@@ -401,3 +401,28 @@ def test_lookups_outside_the_plan():
         plan.chunks_for_vit_rank(3)
     assert plan.media_chunks == ()
     assert plan.vit_report.loads == (0.0, 0.0, 0.0)
+
+
+def test_plan_by_position_is_megatrons_contiguous_split():
+    from hetero_parallel.balancer import plan_by_position
+    from hetero_parallel.plan import ParallelPlan
+
+    plan = ParallelPlan(world_size=8, tp=2, pp=2).with_vit_on_first_stage()
+    assert plan.vit_ranks == (0, 1, 2, 3)
+    samples = [SampleSpec(i, 10 + i, (MediaSpec((4,) * (i % 5 + 1)),)) for i in range(11)]
+    cost = CostModel(vit_linear=1, vit_quadratic=0, llm_linear=1, llm_quadratic=0)
+    batch = plan_by_position(samples[::-1], cost, num_replicas=2, num_microbatches=3,
+                             replica_vit_ranks=[plan.replica_vit_indices(d) for d in range(2)],
+                             frames_per_chunk=2)
+    # 11 samples: replica 0 takes ids 0..5 (micro-batches 2, 2, 2), replica 1 ids 6..10 (2, 2, 1).
+    assert batch.samples_for_replica(0) == ((0, 1), (2, 3), (4, 5))
+    assert batch.samples_for_replica(1) == ((6, 7), (8, 9), (10,))
+    for chunk in batch.media_chunks:
+        replica = batch.placement(chunk.sample_id)[0]
+        assert chunk.vit_rank in plan.replica_vit_indices(replica)
+    # Round robin over the replica's ViT ranks, in chunk order.
+    ranks_of_replica0 = [c.vit_rank for c in batch.media_chunks if c.sample_id <= 5]
+    assert ranks_of_replica0 == [0, 1] * (len(ranks_of_replica0) // 2) + [0] * (
+        len(ranks_of_replica0) % 2)
+    tokens = [s.num_tokens for s in samples]
+    assert batch.llm_report.loads == (sum(tokens[:6]), sum(tokens[6:]))

@@ -20,12 +20,15 @@ from tests.megatron_helpers import max_rel_diff
 RTOL = 1e-5
 
 
-def _run(plan_kwargs: dict, num_microbatches: int, recompute: bool) -> dict:
+def _run(plan_kwargs: dict, num_microbatches: int, recompute: bool,
+         baseline: bool = False) -> dict:
     with cpu_compat():
         samples = HH.make_samples(seed=0)
         initial, ref = HH.reference(samples)
         plan = ParallelPlan(world_size=dist.get_world_size(), **plan_kwargs)
-        batch = HH.plan_batch(samples, plan, num_microbatches)
+        if baseline:
+            plan = plan.with_vit_on_first_stage()
+        batch = HH.plan_batch(samples, plan, num_microbatches, baseline=baseline)
         got, timings = HH.hetero_step(plan, samples, initial, batch,
                                       StepOptions(recompute_vit=recompute))
         vision_after = torch.cat([v.flatten() for k, v in sorted(got.after.items())
@@ -60,6 +63,18 @@ def test_vit_recomputation_gives_the_same_step(pool4):
     _check(pool4.run(_run, {"tp": 2, "pp": 2}, 4, True))
 
 
+@pytest.mark.parametrize(("plan_kwargs", "num_microbatches"), LAYOUTS)
+def test_baseline_placement_equals_single_process(pool4, plan_kwargs, num_microbatches):
+    """Megatron's LLaVA layout (ViT on stage 0, split by position) through the same code."""
+    results = pool4.run(_run, plan_kwargs, num_microbatches, False, True)
+    plan = ParallelPlan(world_size=4, **plan_kwargs).with_vit_on_first_stage()
+    assert plan.vit_dp == plan.tp * plan.cp * plan.dp  # only stage-0 ranks host a ViT
+    _check(results)
+    for rank, r in enumerate(results):
+        if plan.vit_index(rank) is None:
+            assert r["vision_after"] is None
+
+
 def _check(results: list[dict]) -> None:
     assert results[0]["num_chunks"] > 8  # images and video chunks really spread over ranks
     covered = set()
@@ -77,6 +92,7 @@ def _check(results: list[dict]) -> None:
     assert any(k.startswith("vision.projector.") for k in covered)
     assert {"llm.output_layer.weight", "llm.embedding.word_embeddings.weight"} <= covered
     # ViT replicas are still identical.
-    first = results[0]["vision_after"]
-    for r in results[1:]:
-        assert torch.equal(r["vision_after"], first)
+    replicas = [r["vision_after"] for r in results if r["vision_after"] is not None]
+    assert replicas
+    for v in replicas[1:]:
+        assert torch.equal(v, replicas[0])

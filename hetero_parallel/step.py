@@ -97,12 +97,18 @@ def _lm_forward_step_with_visual(microbatches: Sequence[MicroBatch], table: Rout
         mb = microbatches[j]
         gpt = _unwrap(model)
         decoder_input = None
-        if gpt.pre_process and table is not None and visual_slots[j].shape[0]:
-            lo, hi = table.microbatch_slot_offsets[j], table.microbatch_slot_offsets[j + 1]
-            rows = torch.from_numpy(table.slot_row[lo:hi]).to(mb.input_ids.device)
-            positions = torch.from_numpy(table.slot_position[lo:hi]).to(mb.input_ids.device)
-            text = gpt.embedding(input_ids=mb.input_ids, position_ids=mb.position_ids)  # [S, b, H]
-            decoder_input = text.index_put((positions, rows), visual_slots[j].to(text.dtype))
+        if gpt.pre_process:
+            decoder_input = gpt.embedding(input_ids=mb.input_ids, position_ids=mb.position_ids)
+            if not decoder_input.requires_grad:
+                # A frozen LLM (alignment stage) still has to pass gradients through to the
+                # visual tokens, and megatron's backward needs an output that requires grad.
+                decoder_input = decoder_input.detach().requires_grad_(True)
+            if visual_slots[j].shape[0]:
+                lo, hi = table.microbatch_slot_offsets[j], table.microbatch_slot_offsets[j + 1]
+                rows = torch.from_numpy(table.slot_row[lo:hi]).to(mb.input_ids.device)
+                positions = torch.from_numpy(table.slot_position[lo:hi]).to(mb.input_ids.device)
+                decoder_input = decoder_input.index_put(  # [S, b, H]
+                    (positions, rows), visual_slots[j].to(decoder_input.dtype))
         output = model(mb.input_ids, mb.position_ids, None, decoder_input=decoder_input,
                        labels=mb.labels)
 
@@ -195,8 +201,9 @@ def hetero_train_step(
             torch.autograd.backward(slots, grad_slots)
 
     # 5. ViT backward
+    vit_params = [p for p in vision.parameters() if p.requires_grad] if vision is not None else []
     with timer("vit_backward"):
-        if vision is not None:
+        if vit_params:
             if options.recompute_vit:
                 vit_out = vision(list(vision_frames))
             grad = vit_leaf.grad if vit_leaf.grad is not None else torch.zeros_like(vit_leaf)
@@ -204,8 +211,8 @@ def hetero_train_step(
 
     # 6. ViT gradient reduction
     with timer("vit_grad_reduce"):
-        if vision is not None:
-            params = [p for p in vision.parameters() if p.requires_grad]
+        if vit_params:
+            params = vit_params
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

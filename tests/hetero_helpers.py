@@ -9,21 +9,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from examples.keye_vl.llm import (
-    TINY,
-    build_llm,
-    build_llm_chunks,
-    gather_full_state,
-    load_full_state,
-    transformer_config,
-)
+from examples.keye_vl.config import MODELS
+from examples.keye_vl.llm import TINY, build_llm, gather_full_state, transformer_config
 from examples.keye_vl.toy_batch import ToySample, mixed_samples
+from examples.keye_vl.trainer import KeyeTrainer, OptimConfig, replica_microbatch_shapes
 from examples.keye_vl.vision import TINY_VISION, VisionEncoder
 from hetero_parallel import ParallelPlan, initialize, teardown
 from hetero_parallel.balancer import BatchPlan, plan_by_position, plan_global_batch
 from hetero_parallel.cost_model import CostModel
-from hetero_parallel.routing import build_routing, microbatch_shapes
-from hetero_parallel.step import StepOptions, hetero_train_step, make_microbatch
+from hetero_parallel.step import StepOptions, make_microbatch
 
 LR = 0.1
 COST = CostModel(vit_linear=1.0, vit_quadratic=0.01, llm_linear=1.0, llm_quadratic=0.001)
@@ -100,61 +94,36 @@ def plan_batch(samples: list[ToySample], plan: ParallelPlan, num_microbatches: i
 
 def hetero_step(plan: ParallelPlan, samples: list[ToySample], initial: dict, batch: BatchPlan,
                 options: StepOptions | None = None) -> tuple[Result, dict[str, float]]:
-    """One step of the heterogeneous placement; gathers this rank's view of grads and weights."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
+    """One SGD step of the heterogeneous placement through `KeyeTrainer`; gathers this rank's
+    view of the gradients and weights (LLM unsharded over TP, ViT if it hosts a replica)."""
     groups = initialize(plan, backend="gloo", seed=1)
     try:
-        rank = dist.get_rank()
-        config = transformer_config(TINY, tensor_parallel=plan.tp, pipeline_parallel=plan.pp,
-                                    virtual_pipeline=plan.vpp, calculate_per_token_loss=True,
-                                    variable_seq_lengths=True)
-        chunks = build_llm_chunks(TINY, config)
-        load_full_state(chunks, initial["llm"])
-        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
-        llm = [DistributedDataParallel(config, ddp, c, disable_bucketing=True) for c in chunks]
-        config.finalize_model_grads_func = finalize_model_grads
-        optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="sgd", lr=LR, sgd_momentum=0.0, weight_decay=0.0,
-                            clip_grad=0.0, use_distributed_optimizer=False), llm)
-        vision = None
-        frames: list[torch.Tensor] = []
+        trainer = KeyeTrainer.build(groups, MODELS["tiny"], initial_state=initial,
+                                    optim=OptimConfig(optimizer="sgd", lr=LR))
+        rank = groups.rank
         by_id = {s.sample_id: s for s in samples}
+        frames: list[torch.Tensor] = []
         vit_index = plan.vit_index(rank)
         if vit_index is not None:
-            vision = VisionEncoder(TINY_VISION)
-            vision.load_state_dict(initial["vision"])
             for ch in batch.chunks_for_vit_rank(vit_index):
-                frames.extend(by_id[ch.sample_id].frames[ch.media_index][ch.frame_start:ch.frame_stop])
+                media = by_id[ch.sample_id].frames[ch.media_index]
+                frames.extend(media[ch.frame_start:ch.frame_stop])
         layouts = {s.sample_id: s.layout for s in samples}
-        table = build_routing(plan, batch, layouts, rank)
-        c = plan.coords(rank)
         microbatches = None
         if plan.data_role(rank).needs_tokens:
             microbatches = [
                 make_microbatch([by_id[s].tokens for s in mb.sample_ids],
                                 [by_id[s].is_target for s in mb.sample_ids], mb.seq_len)
-                for mb in microbatch_shapes(batch, layouts, c.dp, 1)
+                for mb in replica_microbatch_shapes(groups, batch, layouts)
             ]
-        for m in llm:
-            m.zero_grad_buffer()
-        optimizer.zero_grad()
-        out = hetero_train_step(groups=groups, table=table, vision=vision, vision_frames=frames,
-                                llm=llm, microbatches=microbatches,
-                                total_loss_tokens=total_loss_tokens(samples),
-                                hidden_size=TINY.hidden_size, options=options or StepOptions())
+        out = trainer.step(batch, layouts, frames, microbatches, total_loss_tokens(samples),
+                           options)
+        llm = trainer.llm
         grads = {f"llm.{k}": v for k, v in gather_full_state(llm, grads=True).items()}
-        optimizer.step()
         after = {f"llm.{k}": v for k, v in gather_full_state(llm).items()}
-        if vision is not None:
+        if trainer.vision is not None:
+            vision = trainer.vision
             grads |= {f"vision.{k}": p.grad.clone() for k, p in vision.named_parameters()}
-            for p in vision.parameters():
-                p.data -= LR * p.grad
             after |= {f"vision.{k}": p.detach().clone() for k, p in vision.named_parameters()}
         return Result(out.loss, grads, after), out.timings
     finally:

@@ -100,22 +100,8 @@ def hetero_step(plan: ParallelPlan, samples: list[ToySample], initial: dict, bat
     try:
         trainer = KeyeTrainer.build(groups, MODELS["tiny"], initial_state=initial,
                                     optim=OptimConfig(optimizer="sgd", lr=LR))
-        rank = groups.rank
-        by_id = {s.sample_id: s for s in samples}
-        frames: list[torch.Tensor] = []
-        vit_index = plan.vit_index(rank)
-        if vit_index is not None:
-            for ch in batch.chunks_for_vit_rank(vit_index):
-                media = by_id[ch.sample_id].frames[ch.media_index]
-                frames.extend(media[ch.frame_start:ch.frame_stop])
         layouts = {s.sample_id: s.layout for s in samples}
-        microbatches = None
-        if plan.data_role(rank).needs_tokens:
-            microbatches = [
-                make_microbatch([by_id[s].tokens for s in mb.sample_ids],
-                                [by_id[s].is_target for s in mb.sample_ids], mb.seq_len)
-                for mb in replica_microbatch_shapes(groups, batch, layouts)
-            ]
+        frames, microbatches = step_inputs(groups, samples, batch)
         out = trainer.step(batch, layouts, frames, microbatches, total_loss_tokens(samples),
                            options)
         llm = trainer.llm
@@ -128,3 +114,23 @@ def hetero_step(plan: ParallelPlan, samples: list[ToySample], initial: dict, bat
         return Result(out.loss, grads, after), out.timings
     finally:
         teardown(groups)
+
+
+def step_inputs(groups, samples: list[ToySample], batch: BatchPlan):
+    """What the dataloader would hand this rank: its ViT frames and its replica's micro-batches."""
+    plan, rank = groups.plan, groups.rank
+    by_id = {s.sample_id: s for s in samples}
+    frames: list[torch.Tensor] = []
+    vit_index = plan.vit_index(rank)
+    if vit_index is not None:
+        for ch in batch.chunks_for_vit_rank(vit_index):
+            frames.extend(by_id[ch.sample_id].frames[ch.media_index][ch.frame_start:ch.frame_stop])
+    microbatches = None
+    if plan.data_role(rank).needs_tokens:
+        layouts = {s.sample_id: s.layout for s in samples}
+        microbatches = [
+            make_microbatch([by_id[s].tokens for s in mb.sample_ids],
+                            [by_id[s].is_target for s in mb.sample_ids], mb.seq_len)
+            for mb in replica_microbatch_shapes(groups, batch, layouts)
+        ]
+    return frames, microbatches

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from examples.keye_vl.llm import QWEN3_8B, TINY, LLMShape
 from examples.keye_vl.vision import SIGLIP_400M, TINY_VISION, VisionShape
+from hetero_parallel.cost_model import CostModel, TransformerShape
 
 COMPONENTS = ("vision", "projector", "llm")
 
@@ -69,3 +72,26 @@ STAGES = {
                    tp=4, pp=4, cp=8, lr=2e-5, init_from=2),
 }
 """Stage 4 (fusion) is ``merge.py``, not a training run."""
+
+
+def cost_model_for(model: ModelConfig, flops_per_second: float | None = None) -> CostModel:
+    """FLOPs cost model of ``model`` (forward + backward), at ``flops_per_second``.
+
+    Default rate: an H100 at 40% MFU in BF16 when CUDA is available, else a nominal 10 GFLOP/s
+    (only relative costs matter for balancing). Calibrate from measured times for real runs.
+    """
+    if flops_per_second is None:
+        flops_per_second = 0.4 * 989e12 if torch.cuda.is_available() else 1e10
+    llm, vit = model.llm, model.vision
+    return CostModel.from_model_shapes(
+        TransformerShape(num_layers=vit.num_layers, hidden_size=vit.hidden_size,
+                         num_attention_heads=vit.num_heads,
+                         head_dim=vit.hidden_size // vit.num_heads, num_query_groups=vit.num_heads,
+                         ffn_hidden_size=vit.ffn_hidden_size, gated_mlp=False, causal=False),
+        TransformerShape(num_layers=llm.num_layers, hidden_size=llm.hidden_size,
+                         num_attention_heads=llm.num_attention_heads, head_dim=llm.head_dim,
+                         num_query_groups=llm.num_query_groups,
+                         ffn_hidden_size=llm.ffn_hidden_size, gated_mlp=True, causal=True,
+                         vocab_size=llm.vocab_size),
+        flops_per_second=flops_per_second,
+    )

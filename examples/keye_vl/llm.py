@@ -33,7 +33,7 @@ class LLMShape:
 
 TINY = LLMShape(
     num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=16,
-    ffn_hidden_size=128, vocab_size=256, max_sequence_length=512, rotary_base=10_000.0,
+    ffn_hidden_size=128, vocab_size=512, max_sequence_length=4096, rotary_base=10_000.0,
 )
 """Runs on CPU in tests and the demo."""
 

@@ -48,7 +48,8 @@ def make_dataset(out: Path, *, videos: int, images: int, texts: int, seed: int =
                     scene_cuts=cuts)
         caption = (f"a {seconds:.0f} second clip with {len(cuts) + 1} scenes, "
                    f"{w} by {h}, {WORDS[i % len(WORDS)]}.")
-        lines.append({"id": f"video/{i}", "dataset": "video", "media": [str(path)],
+        lines.append({"id": f"video/{i}", "dataset": "video",
+                      "media": [str(path.relative_to(out))],
                       "conversation": [{"role": "user", "content": "Describe the video."},
                                        {"role": "assistant", "content": caption}]})
     for i in range(images):
@@ -59,7 +60,7 @@ def make_dataset(out: Path, *, videos: int, images: int, texts: int, seed: int =
             suffix = ".png" if (i + k) % 2 else ".jpg"
             path = out / "image" / f"img{i:03d}_{k}{suffix}"
             write_image(path, max(w, 28), max(h, 28), seed=seed * 1000 + 10 * i + k)
-            paths.append(str(path))
+            paths.append(str(path.relative_to(out)))  # relative to the list file
         caption = f"{n} image{'s' if n > 1 else ''}, {WORDS[(3 * i) % len(WORDS)]} blocks."
         lines.append({"id": f"image/{i}", "dataset": "image", "media": paths,
                       "conversation": [{"role": "user", "content": "What is shown?"},

@@ -1,0 +1,8 @@
+"""gRPC I/O server for multimodal training: video/image decoding, Keye-VL-1.5 frame sampling and
+Slow-Fast encoding off the training processes; uint8 frames back, zstd-compressed.
+
+- `io_server.client.IOClient`: what a trainer uses (in-process decoding when no address is given);
+- ``io-server`` / ``python -m io_server``: the daemon;
+- `io_server.keye`: the Keye-VL-1.5 processing (presets, smart_resize, Slow-Fast, token budgets);
+- `io_server.backends`: PyAV (CPU) and DALI (NVDEC) decoding behind one interface.
+"""

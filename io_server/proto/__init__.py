@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of io_server.proto (regenerate with generate.sh in this folder)."""

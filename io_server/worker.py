@@ -1,0 +1,164 @@
+"""What runs inside the I/O server's decoding processes (and, unencoded, in the embedded client).
+
+One job: turn (path, preset, frame range, optional cached plan) into sampled frames with the
+decoding backend, then zstd-encode them, so the daemon's main process only forwards bytes.
+Results and errors cross the process boundary as plain frozen dataclasses (`MediaError` itself
+does not survive pickling: its constructor takes two arguments).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import zstandard
+
+from io_server.media import CorruptMediaError, DecodedMedia, FramePlan, MediaError
+from io_server.proto import io_server_pb2 as pb2
+from io_server.wire import EncodedFrame, check_frame_range, encode_frames
+
+if TYPE_CHECKING:
+    from io_server.backends import DecodeBackend
+
+_PARENT_POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """One `Decode` request as handed to a worker process. `path` is already resolved."""
+
+    backend: str
+    decoder_threads: int
+    path: str
+    preset: Any
+    """A `io_server.keye.KeyePreset`."""
+    frame_start: int
+    frame_stop: int | None
+    plan: FramePlan | None
+    """The cached plan of (path, mtime, size, preset), or `None` to plan in the worker."""
+    compression: int
+    zstd_level: int
+
+
+@dataclass(frozen=True)
+class DecodeOutcome:
+    plan: FramePlan
+    frame_start: int
+    frame_stop: int
+    frames: tuple[EncodedFrame, ...]
+    decode_s: float
+    compress_s: float
+    cpu_s: float
+    """CPU seconds of this worker process on the job (decode, resize, zstd)."""
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    plan: FramePlan
+    decode_s: float
+    cpu_s: float
+
+
+@dataclass(frozen=True)
+class JobError:
+    """A failed job: `error_type` is a `MediaError` subclass name, or "internal"."""
+
+    error_type: str
+    path: str
+    reason: str
+
+
+@functools.lru_cache(maxsize=4)
+def _backend(name: str, threads: int) -> DecodeBackend:
+    """The worker's backend; "pyav" gets `threads` FFmpeg decoding threads (0 = FFmpeg's choice)."""
+    from io_server.backends import PyAVBackend, get_backend
+
+    return PyAVBackend(threads=threads) if name == "pyav" else get_backend(name)
+
+
+@functools.lru_cache(maxsize=8)
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    return zstandard.ZstdCompressor(level=level)
+
+
+def decode_media(backend: DecodeBackend, path: str, preset: Any, frame_start: int,
+                 frame_stop: int | None, plan: FramePlan | None) -> DecodedMedia:
+    """Plans (unless `plan` is given), checks the range against the plan, decodes it.
+
+    The daemon's workers and the client's embedded path both call this, so both return the
+    same frames.
+
+    Raises:
+        MediaError: a subclass naming the path and the reason.
+    """
+    check_frame_range(path, frame_start, frame_stop)
+    if plan is None:
+        plan = backend.probe(path, preset=preset)
+    start, stop = check_frame_range(path, frame_start, frame_stop, plan.num_frames)
+    return backend.decode(path, preset=preset, frame_start=start, frame_stop=stop, plan=plan)
+
+
+def _as_job_error(path: str, exc: BaseException) -> JobError:
+    if isinstance(exc, MediaError):
+        return JobError(type(exc).__name__, exc.path, exc.reason)
+    import av
+
+    if isinstance(exc, av.FFmpegError):
+        return JobError(CorruptMediaError.__name__, path, f"FFmpeg: {exc}")
+    return JobError("internal", path, f"{type(exc).__name__}: {exc}")
+
+
+def run_probe(backend: str, decoder_threads: int, path: str,
+              preset: Any) -> ProbeOutcome | JobError:
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        plan = _backend(backend, decoder_threads).probe(path, preset=preset)
+    except Exception as exc:  # noqa: BLE001 - every failure must reach the client as a status
+        return _as_job_error(path, exc)
+    return ProbeOutcome(plan, time.perf_counter() - t0, time.process_time() - c0)
+
+
+def run_decode(job: DecodeJob) -> DecodeOutcome | JobError:
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        backend = _backend(job.backend, job.decoder_threads)
+        media = decode_media(backend, job.path, job.preset, job.frame_start, job.frame_stop,
+                             job.plan)
+        t1 = time.perf_counter()
+        zstd = job.compression == pb2.COMPRESSION_ZSTD
+        compressor = _compressor(job.zstd_level) if zstd else None
+        frames = encode_frames(media.frames, job.compression, compressor)
+    except Exception as exc:  # noqa: BLE001
+        return _as_job_error(job.path, exc)
+    t2 = time.perf_counter()
+    return DecodeOutcome(media.plan, media.frame_start, media.frame_stop, frames,
+                         decode_s=t1 - t0, compress_s=t2 - t1, cpu_s=time.process_time() - c0)
+
+
+def ping() -> int:
+    """A no-op task used to start the worker processes before the server announces itself."""
+    return os.getpid()
+
+
+def init_worker(parent_pid: int) -> None:
+    """Worker initializer: signals belong to the daemon; exit when the daemon is gone.
+
+    SIGINT/SIGTERM are ignored (the daemon decides when workers stop). A daemon killed with
+    SIGKILL cannot tell its workers, so a watchdog thread exits the worker once its parent
+    changes.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def watch() -> None:
+        while True:
+            time.sleep(_PARENT_POLL_S)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="io-server-parent-watch", daemon=True).start()

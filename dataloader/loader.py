@@ -1,0 +1,554 @@
+"""Step loading: global step -> this rank's share of the global batch, fetched only where needed.
+
+For global step ``s`` every rank, independently and identically:
+
+1. takes the next ``global_batch_size`` positions of the global order from the cursor
+   (`dataloader.mixture.Mixture`: position -> dataset, epoch, sample), reads their records from
+   the in-memory manifest and sizes them (`dataloader.sequence.sample_sizes`: layouts from
+   lengths only);
+2. plans the batch with the balancer (``plan_global_batch``, keyed by position as sample id);
+3. fetches what its role needs (`ParallelPlan.data_role`): a ViT rank decodes the frames of its
+   chunks (``IOClient.decode(path, frame_start, frame_stop)``, one request per chunk); a token
+   loader (``tp == cp == 0`` on the first / last stage) tokenizes its replica's samples; nobody
+   else fetches anything.
+
+Steps 1-3 run ahead in a background thread (``LoaderConfig.prefetch`` steps, bounded queue). The
+calling thread then runs this step's collectives, in this order on every rank:
+
+4. **Bad-sample agreement** (the contract). A media error (`io_server.media.MediaError`: missing,
+   corrupt, or sizes that no longer match the manifest) marks the sample bad on the rank that saw
+   it. One all-reduce (MAX) of a ``global_batch_size + 1`` int32 vector over ``verdict_group``
+   (default: the world) gives every rank the same bad set (the last entry flags a fatal error, e.g.
+   every I/O server down, so that all ranks raise together instead of hanging). If any sample is
+   bad, it is dropped, the batch is refilled with the next positions of the order, re-planned and
+   re-fetched (chunks fetched before stay cached), and agreed again, until no candidate is bad.
+   The step's batch is therefore *the first ``global_batch_size`` good positions at or after the
+   cursor*, and the cursor moves past the last one. Whether a sample is bad depends only on its
+   files (every chunk of every candidate is fetched by some rank in every layout), so resumed,
+   re-sharded and uninterrupted runs agree; a good sample is never dropped or repeated.
+5. **Token broadcast**: each token loader broadcasts its replica's token ids (with the target
+   flags packed in) over its tensor-and-context group (``token_group``); the peers allocate the
+   buffer from the layouts they computed in step 1.
+
+`StepData` then holds exactly what ``hetero_parallel.step.hetero_train_step`` consumes.
+
+The state (`state_dict`) counts only batches returned by `next_step`, never prefetched ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dataloader.manifest import Manifest, Record
+from dataloader.mixture import Mixture
+from dataloader.sequence import ByteTokenizer, SampleSizes, Tokenizer, sample_sizes, tokenize
+from dataloader.state import STATE_VERSION, LoaderState
+from hetero_parallel.balancer import BatchPlan, plan_global_batch
+from hetero_parallel.cost_model import CostModel
+from hetero_parallel.plan import ParallelPlan
+from hetero_parallel.routing import SampleLayout, microbatch_shapes
+from hetero_parallel.step import MicroBatch, make_microbatch
+
+if TYPE_CHECKING:
+    from io_server.client import IOClient
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    """What determines the global batches (the first four) and how they are planned and loaded."""
+
+    global_batch_size: int
+    """Samples per global batch (over all data-parallel replicas)."""
+    seed: int = 0
+    """Seeds every shuffle."""
+    weights: Mapping[str, float] | None = None
+    """Mixture weights by dataset name (e.g. video 24, image 50, text 26); None: proportional to
+    the datasets' sizes."""
+    num_microbatches: int = 1
+    """Micro-batches per replica per step (the balancer's ``num_microbatches``)."""
+    max_tokens_per_microbatch: int | None = None
+    equal_samples_per_replica: bool = False
+    frames_per_chunk: int = 8
+    """Consecutive video frames per ViT work item (and per decode request)."""
+    pad_multiple: int | None = None
+    """Micro-batch length multiple; None: ``2 * cp`` when ``cp > 1``, else 1 (as routing)."""
+    prefetch: int = 2
+    """Steps loaded ahead in a background thread; 0 loads in the calling thread."""
+    max_replacement_rounds: int = 64
+    """Bad-sample rounds per step before giving up (a dataset that is mostly broken)."""
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch_size", "num_microbatches", "frames_per_chunk",
+                     "max_replacement_rounds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"LoaderConfig.{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"LoaderConfig.seed must be an int >= 0, got {self.seed!r}")
+        if not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ValueError(f"LoaderConfig.prefetch must be an int >= 0, got {self.prefetch!r}")
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where a global position's sample comes from."""
+
+    position: int
+    """Global position in the order; the balancer's and the layouts' sample id."""
+    dataset: str
+    epoch: int
+    """The dataset's epoch."""
+    index: int
+    """Sample index in the dataset."""
+    record_id: str
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    position: int
+    record_id: str
+    reason: str
+    """The media error, on the rank(s) that saw it; elsewhere "reported by another rank"."""
+
+
+@dataclass(frozen=True)
+class StepData:
+    """One global step, as this rank needs it (see the module docstring)."""
+
+    step: int
+    samples: tuple[SampleRef, ...]
+    """The global batch, by increasing position (the same on every rank)."""
+    batch: BatchPlan
+    layouts: dict[int, SampleLayout]
+    """Every sample of the global batch, by position (routing needs them all)."""
+    total_loss_tokens: int
+    """Loss-carrying positions of the whole global batch."""
+    vision_frames: tuple[torch.Tensor, ...]
+    """uint8 ``[H, W, 3]`` frames of this rank's chunks in ``batch.chunks_for_vit_rank`` order;
+    empty on a rank without a ViT replica."""
+    microbatches: tuple[MicroBatch, ...] | None
+    """This replica's micro-batches in pipeline order on its first and last stage, else None."""
+    skipped: tuple[SkippedSample, ...] = ()
+
+    @property
+    def sample_ids(self) -> tuple[int, ...]:
+        return tuple(s.position for s in self.samples)
+
+
+@dataclass
+class FetchCounters:
+    """What this rank fetched (including prefetched steps not yet consumed)."""
+
+    decode_requests: int = 0
+    """``IOClient.decode`` calls (one per chunk)."""
+    frames_decoded: int = 0
+    bytes_decoded: int = 0
+    token_loads: int = 0
+    """Samples tokenized for the token path (token loaders only)."""
+    broadcasts_sent: int = 0
+    broadcasts_received: int = 0
+    bad_media_seen: int = 0
+    """Media errors this rank saw itself."""
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclass
+class _Round:
+    """One planning + fetching round of a step (the prefetched unit)."""
+
+    step: int
+    positions: list[int]
+    generation: int
+    refs: dict[int, SampleRef] = field(default_factory=dict)
+    sizes: dict[int, SampleSizes] = field(default_factory=dict)
+    batch: BatchPlan | None = None
+    pixels: dict[tuple[int, int, int, int], list[torch.Tensor]] = field(default_factory=dict)
+    tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+    bad: dict[int, str] = field(default_factory=dict)
+    fatal: str | None = None
+
+
+class StepLoader:
+    """Loads global step after global step for one rank of ``plan``; resumable to the sample.
+
+    Args:
+        manifest: every record, in memory on every rank (planning sizes every sample).
+        config: batch size, seed, mixture weights, planning and prefetch options.
+        plan: the parallel layout; ``rank`` is this process's rank in it.
+        cost_model: the balancer's cost model (the same on every rank).
+        client: fetches pixels (ViT ranks only); default ``IOClient()`` decodes in-process.
+        tokenizer: default `ByteTokenizer`.
+        token_group: this rank's tensor-and-context group (``ParallelGroups.token_broadcast``);
+            needed when ``tp * cp > 1``.
+        verdict_group: the group that agrees on bad samples: every rank of the plan (default: the
+            default process group). With ``plan.world_size == 1`` no collective is run.
+
+    Every rank of the plan must call `next_step` the same number of times (it is collective).
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        config: LoaderConfig,
+        *,
+        plan: ParallelPlan,
+        rank: int,
+        cost_model: CostModel,
+        client: IOClient | None = None,
+        tokenizer: Tokenizer | None = None,
+        token_group: dist.ProcessGroup | None = None,
+        verdict_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if not 0 <= rank < plan.world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size({plan.world_size}))")
+        if config.global_batch_size < plan.dp * config.num_microbatches:
+            raise ValueError(
+                f"global_batch_size({config.global_batch_size}) < dp({plan.dp}) * "
+                f"num_microbatches({config.num_microbatches}): every micro-batch needs a sample")
+        if config.equal_samples_per_replica and config.global_batch_size % plan.dp:
+            raise ValueError(f"equal_samples_per_replica: global_batch_size("
+                             f"{config.global_batch_size}) is not a multiple of dp({plan.dp})")
+        sizes = manifest.datasets
+        weights = dict(config.weights) if config.weights is not None else sizes
+        unknown = sorted(set(weights) - set(sizes))
+        if unknown:
+            raise ValueError(f"mixture weights name datasets {unknown} that the manifest does not "
+                             f"have (it has {sorted(sizes)})")
+        if config.weights is None:
+            logger.info("mixture weights default to the dataset sizes: %s", sizes)
+        self.manifest = manifest
+        self.config = config
+        self.plan = plan
+        self.rank = rank
+        self.role = plan.data_role(rank)
+        self.vit_index = plan.vit_index(rank)
+        self.cost_model = cost_model
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.mixture = Mixture.create(weights, {k: sizes[k] for k in weights}, config.seed)
+        self._rows = [manifest.dataset_rows(n) for n in self.mixture.names]
+        self.pad_multiple = config.pad_multiple or (2 * plan.cp if plan.cp > 1 else 1)
+        self.token_group = token_group
+        self.verdict_group = verdict_group
+        c = plan.coords(rank)
+        self._token_src = plan.rank_of(tp=0, cp=0, dp=c.dp, pp=c.pp)
+        if self.role.needs_tokens and plan.tp * plan.cp > 1 and token_group is None:
+            raise ValueError(f"rank {rank} needs token ids from rank {self._token_src} but no "
+                             "token_group was given (pass ParallelGroups.token_broadcast)")
+        if client is None and self.vit_index is not None:
+            from io_server.client import IOClient
+
+            client = IOClient()
+        self.client = client
+        self.counters = FetchCounters()
+        self._lock = threading.Lock()
+        self._cursor = 0
+        self._step = 0
+        self._skipped = 0
+        self._generation = 0
+        self._queue: queue.Queue[_Round] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- order -------------------------------------------------------------------------------
+
+    def sample_ref(self, position: int) -> SampleRef:
+        """The sample at global position ``position`` (pure, O(1))."""
+        d = self.mixture.locate(position)
+        row = int(self._rows[d.dataset][d.index])
+        return SampleRef(position, self.mixture.names[d.dataset], d.epoch, d.index,
+                         self.manifest.records[row].id)
+
+    def _refs(self, positions: list[int]) -> dict[int, tuple[SampleRef, Record]]:
+        ds, epoch, index = self.mixture.locate_many(np.asarray(positions, dtype=np.int64))
+        out = {}
+        for p, d, e, i in zip(positions, ds.tolist(), epoch.tolist(), index.tolist(),
+                              strict=True):
+            record = self.manifest.records[int(self._rows[d][i])]
+            out[p] = (SampleRef(p, self.mixture.names[d], e, i, record.id), record)
+        return out
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _state(self, cursor: int, step: int, skipped: int) -> LoaderState:
+        return LoaderState(
+            format_version=STATE_VERSION, seed=self.config.seed,
+            epoch=cursor // len(self.manifest), cursor=cursor, step=step,
+            skipped_samples=skipped, global_batch_size=self.config.global_batch_size,
+            manifest_hash=int(self.manifest.hash, 16),
+            mixture_hash=int(self.mixture.fingerprint(), 16),
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        """Integers only; reflects the batches returned so far (not the prefetched ones)."""
+        return self._state(self._cursor, self._step, self._skipped).to_dict()
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue after the last batch of the run that saved ``state``.
+
+        Raises `dataloader.state.IncompatibleStateError` (a ``ValueError``) naming the saved and
+        the current value when the seed, global batch size, manifest or mixture differ.
+        """
+        saved = LoaderState.from_dict(dict(state))
+        saved.check_compatible(self._state(0, 0, 0))
+        self._restart(saved.cursor, saved.step)
+        self._skipped = saved.skipped_samples
+
+    # -- fetching (background thread or calling thread) ----------------------------------------
+
+    def _plan(self, rnd: _Round, refs: dict[int, tuple[SampleRef, Record]]) -> None:
+        for p in rnd.positions:
+            ref, record = refs[p]
+            rnd.refs[p] = ref
+            if p not in rnd.sizes:
+                rnd.sizes[p] = sample_sizes(record, p, self.tokenizer)
+        specs = [rnd.sizes[p].layout.spec() for p in rnd.positions]
+        rnd.batch = plan_global_batch(
+            specs, self.cost_model, num_replicas=self.plan.dp,
+            num_microbatches=self.config.num_microbatches, num_vit_ranks=self.plan.vit_dp,
+            max_tokens_per_microbatch=self.config.max_tokens_per_microbatch,
+            equal_samples_per_replica=self.config.equal_samples_per_replica,
+            frames_per_chunk=self.config.frames_per_chunk,
+        )
+
+    def _fetch(self, rnd: _Round, records: dict[int, Record]) -> None:
+        from io_server.client import IOServerError
+        from io_server.media import MediaError
+
+        batch = rnd.batch
+        assert batch is not None
+        if self.vit_index is not None:
+            for ch in batch.chunks_for_vit_rank(self.vit_index):
+                key = (ch.sample_id, ch.media_index, ch.frame_start, ch.frame_stop)
+                if key in rnd.pixels or ch.sample_id in rnd.bad:
+                    continue
+                media = records[ch.sample_id].media[ch.media_index]
+                with self._lock:
+                    self.counters.decode_requests += 1
+                try:
+                    assert self.client is not None
+                    decoded = self.client.decode(media.path, ch.frame_start, ch.frame_stop)
+                    frames = list(decoded.frames)
+                    want = [(media.heights[f], media.widths[f], 3)
+                            for f in range(ch.frame_start, ch.frame_stop)]
+                    got = [tuple(a.shape) for a in frames]
+                    if got != want or any(a.dtype != np.uint8 for a in frames):
+                        raise MediaError(media.path, f"frames {ch.frame_start}..{ch.frame_stop} "
+                                         f"have shapes {got}, the manifest says {want} (the file "
+                                         "changed since it was indexed)")
+                except MediaError as exc:
+                    rnd.bad[ch.sample_id] = f"{type(exc).__name__}: {exc}"
+                    with self._lock:
+                        self.counters.bad_media_seen += 1
+                    continue
+                except IOServerError as exc:
+                    rnd.fatal = f"rank {self.rank}: {exc}"
+                    return
+                with self._lock:
+                    self.counters.frames_decoded += len(frames)
+                    self.counters.bytes_decoded += sum(a.nbytes for a in frames)
+                rnd.pixels[key] = [torch.from_numpy(a) for a in frames]
+        if self.role.loads_tokens:
+            for mb in batch.samples_for_replica(self.role.llm_replica):
+                for p in mb:
+                    if p not in rnd.tokens:
+                        t = tokenize(records[p], p, self.tokenizer)
+                        rnd.tokens[p] = torch.from_numpy(t.token_ids * 2 + t.is_target)
+                        with self._lock:
+                            self.counters.token_loads += 1
+
+    def _run_round(self, rnd: _Round) -> _Round:
+        try:
+            refs = self._refs(rnd.positions)
+            self._plan(rnd, refs)
+            self._fetch(rnd, {p: r for p, (_, r) in refs.items()})
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it in the agreement
+            logger.exception("rank %d: loading step %d failed", self.rank, rnd.step)
+            rnd.fatal = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        return rnd
+
+    def _first_round(self, step: int, cursor: int, generation: int) -> _Round:
+        positions = list(range(cursor, cursor + self.config.global_batch_size))
+        return self._run_round(_Round(step, positions, generation))
+
+    def _producer(self, q: queue.Queue[_Round], step: int, cursor: int, generation: int) -> None:
+        while not self._stop.is_set() and generation == self._generation:
+            rnd = self._first_round(step, cursor, generation)
+            while not self._stop.is_set() and generation == self._generation:
+                try:
+                    q.put(rnd, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            step += 1
+            cursor += self.config.global_batch_size
+
+    def _restart(self, cursor: int, step: int) -> None:
+        """Drop everything prefetched and continue from ``cursor`` (the old thread exits)."""
+        self._generation += 1
+        self._cursor, self._step = cursor, step
+        self._queue = None
+        self._thread = None
+
+    def _next_round(self) -> _Round:
+        if self.config.prefetch == 0:
+            return self._first_round(self._step, self._cursor, self._generation)
+        if self._thread is None or not self._thread.is_alive() or self._queue is None:
+            self._queue = queue.Queue(maxsize=self.config.prefetch)
+            self._thread = threading.Thread(
+                target=self._producer, name=f"dataloader-prefetch-r{self.rank}", daemon=True,
+                args=(self._queue, self._step, self._cursor, self._generation))
+            self._thread.start()
+        while True:
+            try:
+                rnd = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError(f"rank {self.rank}: the prefetch thread stopped") from None
+                continue
+            if rnd.generation == self._generation and rnd.step == self._step \
+                    and rnd.positions[0] == self._cursor:
+                return rnd
+
+    # -- collectives (calling thread) -----------------------------------------------------------
+
+    def _agree(self, rnd: _Round) -> tuple[set[int], bool]:
+        """(bad positions, fatal) agreed by every rank."""
+        flags = torch.zeros(len(rnd.positions) + 1, dtype=torch.int32)
+        index = {p: i for i, p in enumerate(rnd.positions)}
+        for p in rnd.bad:
+            flags[index[p]] = 1
+        flags[-1] = int(rnd.fatal is not None)
+        if self.plan.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.verdict_group)
+        bad = {rnd.positions[i] for i in torch.nonzero(flags[:-1]).flatten().tolist()}
+        return bad, bool(flags[-1])
+
+    def _tokens(self, rnd: _Round, layouts: dict[int, SampleLayout]) -> list[torch.Tensor] | None:
+        """This replica's packed token ids (id * 2 + is_target) per sample, in micro-batch order."""
+        if not self.role.needs_tokens:
+            return None
+        batch = rnd.batch
+        assert batch is not None
+        order = [p for mb in batch.samples_for_replica(self.role.llm_replica) for p in mb]
+        lengths = [layouts[p].seq_len for p in order]
+        if self.role.loads_tokens:
+            flat = torch.cat([rnd.tokens[p] for p in order])
+        else:
+            flat = torch.empty(sum(lengths), dtype=torch.int64)
+        if self.plan.tp * self.plan.cp > 1:
+            dist.broadcast(flat, src=self._token_src, group=self.token_group)
+            with self._lock:
+                if self.role.loads_tokens:
+                    self.counters.broadcasts_sent += 1
+                else:
+                    self.counters.broadcasts_received += 1
+        return list(torch.split(flat, lengths))
+
+    def next_step(self) -> StepData:
+        """The next global step (collective over the plan's ranks)."""
+        if self._stop.is_set():
+            raise RuntimeError("the loader is closed")
+        rnd = self._next_round()
+        step = self._step
+        skipped: list[SkippedSample] = []
+        for attempt in range(self.config.max_replacement_rounds + 1):
+            bad, fatal = self._agree(rnd)
+            if fatal:
+                raise RuntimeError(f"step {step}: loading failed on some rank"
+                                   + (f" ({rnd.fatal})" if rnd.fatal else "")
+                                   + "; every rank stops here")
+            if not bad:
+                break
+            if attempt == self.config.max_replacement_rounds:
+                raise RuntimeError(
+                    f"step {step}: still {len(bad)} bad samples after "
+                    f"{self.config.max_replacement_rounds} replacement rounds (positions "
+                    f"{sorted(bad)[:8]}...): is the dataset mostly broken?")
+            for p in sorted(bad):
+                reason = rnd.bad.get(p)
+                skipped.append(SkippedSample(p, rnd.refs[p].record_id,
+                                             reason or "reported by another rank"))
+                if reason is not None:
+                    logger.warning("rank %d, step %d: skipping the sample at position %d "
+                                   "(record %s): %s", self.rank, step, p, rnd.refs[p].record_id,
+                                   reason)
+            good = [p for p in rnd.positions if p not in bad]
+            nxt = rnd.positions[-1] + 1
+            keep = set(good)
+            rnd = _Round(step, good + list(range(nxt, nxt + len(bad))), rnd.generation,
+                         sizes={p: s for p, s in rnd.sizes.items() if p in keep},
+                         pixels={k: v for k, v in rnd.pixels.items() if k[0] in keep},
+                         tokens={p: t for p, t in rnd.tokens.items() if p in keep})
+            self._run_round(rnd)
+        batch = rnd.batch
+        assert batch is not None
+        layouts = {p: rnd.sizes[p].layout for p in rnd.positions}
+        packed = self._tokens(rnd, layouts)
+        microbatches = None
+        if packed is not None:
+            by_pos = dict(zip([p for mb in batch.samples_for_replica(self.role.llm_replica)
+                               for p in mb], packed, strict=True))
+            microbatches = tuple(
+                make_microbatch([by_pos[p] // 2 for p in mb.sample_ids],
+                                [(by_pos[p] % 2).bool() for p in mb.sample_ids], mb.seq_len,
+                                self.tokenizer.pad_id)
+                for mb in microbatch_shapes(batch, layouts, self.role.llm_replica,
+                                            self.pad_multiple))
+        frames: list[torch.Tensor] = []
+        if self.vit_index is not None:
+            for ch in batch.chunks_for_vit_rank(self.vit_index):
+                frames.extend(rnd.pixels[(ch.sample_id, ch.media_index, ch.frame_start,
+                                          ch.frame_stop)])
+        end = rnd.positions[-1] + 1
+        if skipped:
+            logger.info("step %d: skipped %d bad samples; batch ends at position %d", step,
+                        len(skipped), end)
+            self._restart(end, step + 1)
+        else:
+            self._cursor, self._step = end, step + 1
+        self._skipped += len(skipped)
+        return StepData(
+            step=step,
+            samples=tuple(rnd.refs[p] for p in rnd.positions),
+            batch=batch,
+            layouts=layouts,
+            total_loss_tokens=sum(rnd.sizes[p].loss_tokens for p in rnd.positions),
+            vision_frames=tuple(frames),
+            microbatches=microbatches,
+            skipped=tuple(skipped),
+        )
+
+    def __iter__(self) -> StepLoader:
+        return self
+
+    def __next__(self) -> StepData:
+        return self.next_step()
+
+    def close(self) -> None:
+        """Stops the prefetch thread (the client is the caller's to close)."""
+        self._stop.set()
+        thread = self._thread
+        self._restart(self._cursor, self._step)
+        if thread is not None:
+            with contextlib.suppress(RuntimeError):
+                thread.join(timeout=30)
+
+    def __enter__(self) -> StepLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

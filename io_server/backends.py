@@ -315,6 +315,19 @@ def _plan_matches(plan: FramePlan, path: str) -> None:
         raise InvalidRequestError(path, f"the plan given is for {plan.path!r}")
 
 
+def _resolve(backend: DecodeBackend, path, preset: KeyePreset, frame_start: int,
+             frame_stop: int | None, plan: FramePlan | None) -> tuple[str, FramePlan, int, int]:
+    """The shared start of every ``decode``: the plan (probed, or checked against the file) and
+    the validated frame range."""
+    path = os.fspath(path)
+    if plan is None:
+        plan = backend.probe(path, preset)
+    else:
+        _plan_matches(plan, path)
+    start, stop = _check_range(path, plan, frame_start, frame_stop)
+    return path, plan, start, stop
+
+
 def _check_range(path: str, plan: FramePlan, frame_start: int,
                  frame_stop: int | None) -> tuple[int, int]:
     stop = plan.num_frames if frame_stop is None else frame_stop
@@ -379,12 +392,7 @@ class PyAVBackend:
         frame_stop: int | None = None,
         plan: FramePlan | None = None,
     ) -> DecodedMedia:
-        path = os.fspath(path)
-        if plan is None:
-            plan = self.probe(path, preset)
-        else:
-            _plan_matches(plan, path)
-        start, stop = _check_range(path, plan, frame_start, frame_stop)
+        path, plan, start, stop = _resolve(self, path, preset, frame_start, frame_stop, plan)
         wanted = plan.frame_indices[start:stop]
         frames: list[np.ndarray] = [np.empty(0)] * len(wanted)
         with _open(path) as container:
@@ -489,12 +497,7 @@ class DaliBackend:
         frame_stop: int | None = None,
         plan: FramePlan | None = None,
     ) -> DecodedMedia:
-        path = os.fspath(path)
-        if plan is None:
-            plan = self.probe(path, preset)
-        else:
-            _plan_matches(plan, path)
-        start, stop = _check_range(path, plan, frame_start, frame_stop)
+        path, plan, start, stop = _resolve(self, path, preset, frame_start, frame_stop, plan)
         if plan.kind is MediaKind.IMAGE or start == stop:
             # Images (and empty ranges) gain nothing from NVDEC.
             return self._planner.decode(path, preset, start, stop, plan)

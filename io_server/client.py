@@ -36,7 +36,7 @@ from io_server import keye, wire
 from io_server.media import DecodedMedia, FramePlan, MediaError
 from io_server.proto import io_server_pb2 as pb2
 from io_server.proto import io_server_pb2_grpc as pb2_grpc
-from io_server.worker import decode_media
+from io_server.worker import PlanCache, decode_media, plan_cache_key
 
 if TYPE_CHECKING:
     import torch
@@ -117,6 +117,8 @@ class IOClient:
         max_concurrency: bound of `decode_many`'s parallel requests; default 2 per server
             (1 in-process).
         backend: the in-process decoder (default `get_backend("pyav")`); servers ignore it.
+        plan_cache_size: frame plans the in-process path remembers (keyed like the daemon's:
+            real path, mtime, size, preset), so chunked decodes of one video plan it once.
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class IOClient:
         compression: str = "zstd",
         max_concurrency: int | None = None,
         backend: DecodeBackend | None = None,
+        plan_cache_size: int = 1024,
     ) -> None:
         if isinstance(addresses, str):
             raise TypeError(f"addresses must be a sequence of 'host:port', got the string "
@@ -140,6 +143,8 @@ class IOClient:
         if compression not in wire.COMPRESSIONS:
             raise ValueError(
                 f"compression {compression!r} is not one of {sorted(wire.COMPRESSIONS)}")
+        if plan_cache_size < 0:
+            raise ValueError(f"plan_cache_size({plan_cache_size}) must be >= 0")
         if preset is not None and preset not in keye.PRESETS:
             raise ValueError(f"preset {preset!r} is not one of {sorted(keye.PRESETS)}")
         if max_concurrency is not None and max_concurrency < 1:
@@ -161,6 +166,7 @@ class IOClient:
             from io_server.backends import get_backend
 
             self._backend = get_backend("pyav")
+        self._plans = PlanCache(plan_cache_size)
         self._decompressor = threading.local()
         self._closed = False
 
@@ -215,8 +221,13 @@ class IOClient:
         preset = self._preset_name(preset)
         if not self._servers:
             assert self._backend is not None
-            return decode_media(self._backend, path, self._local_preset(path, preset),
-                                frame_start, frame_stop, None)
+            key = plan_cache_key(path, preset)
+            plan = self._plans.get(key) if key is not None else None
+            media = decode_media(self._backend, path, self._local_preset(path, preset),
+                                 frame_start, frame_stop, plan)
+            if key is not None and plan is None:
+                self._plans.put(key, media.plan)
+            return media
         request = pb2.DecodeRequest(path=path, preset=preset, frame_start=frame_start,
                                     compression=self._compression)
         if frame_stop is not None:

@@ -21,7 +21,6 @@ Start it with `io-server` / `python -m io_server` (see `io_server.__main__`).
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import logging
 import multiprocessing
@@ -51,6 +50,7 @@ from io_server.worker import (
     DecodeJob,
     DecodeOutcome,
     JobError,
+    PlanCache,
     ProbeOutcome,
     init_worker,
     ping,
@@ -170,32 +170,6 @@ class PathGuard:
         if not os.path.isfile(real):
             raise MediaNotFoundError(path, f"{real} is not a regular file")
         return real
-
-
-class PlanCache:
-    """Thread-safe LRU of frame plans keyed by (real path, mtime_ns, size, preset name)."""
-
-    def __init__(self, maxsize: int) -> None:
-        self._maxsize = maxsize
-        self._plans: collections.OrderedDict[tuple[Any, ...], FramePlan] = (
-            collections.OrderedDict())
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[Any, ...]) -> FramePlan | None:
-        with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-            return plan
-
-    def put(self, key: tuple[Any, ...], plan: FramePlan) -> None:
-        if self._maxsize == 0:
-            return
-        with self._lock:
-            self._plans[key] = plan
-            self._plans.move_to_end(key)
-            while len(self._plans) > self._maxsize:
-                self._plans.popitem(last=False)
 
 
 class Admission:

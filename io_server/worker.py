@@ -8,6 +8,7 @@ does not survive pickling: its constructor takes two arguments).
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import signal
@@ -84,6 +85,43 @@ def _backend(name: str, threads: int) -> DecodeBackend:
 @functools.lru_cache(maxsize=8)
 def _compressor(level: int) -> zstandard.ZstdCompressor:
     return zstandard.ZstdCompressor(level=level)
+
+
+class PlanCache:
+    """Thread-safe LRU of frame plans keyed by (real path, mtime_ns, size, preset name)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._maxsize = maxsize
+        self._plans: collections.OrderedDict[tuple[Any, ...], FramePlan] = (
+            collections.OrderedDict())
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> FramePlan | None:
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+            return plan
+
+    def put(self, key: tuple[Any, ...], plan: FramePlan) -> None:
+        if self._maxsize == 0:
+            return
+        with self._lock:
+            self._plans[key] = plan
+            self._plans.move_to_end(key)
+            while len(self._plans) > self._maxsize:
+                self._plans.popitem(last=False)
+
+
+def plan_cache_key(path: str, preset_name: str) -> tuple[Any, ...] | None:
+    """(real path, mtime_ns, size, preset): a rewritten file gets a new key. None if unreadable
+    (the decode then reports why)."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return None
+    return (real, st.st_mtime_ns, st.st_size, preset_name)
 
 
 def decode_media(backend: DecodeBackend, path: str, preset: Any, frame_start: int,

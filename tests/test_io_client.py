@@ -247,3 +247,31 @@ def test_hung_server_deadline_exceeded_then_retried_elsewhere(servers, media, re
     finally:
         os.kill(hung.pid, signal.SIGCONT)
         hung.cleanup()
+
+
+def test_in_process_client_plans_each_file_version_once(tmp_path):
+    from io_server.keye import DEFAULT_PRESET
+
+    class CountingBackend(PyAVBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.probes = 0
+
+        def probe(self, path, preset=DEFAULT_PRESET):
+            self.probes += 1
+            return super().probe(path, preset)
+
+    path = str(tmp_path / "clip.mp4")
+    synthetic.write_video(path, width=112, height=84, seconds=3.0, fps=8.0, seed=3,
+                          scene_cuts=(1.5,))
+    backend = CountingBackend()
+    client = IOClient(backend=backend)
+    whole = client.decode(path)
+    parts = [client.decode(path, a, b) for a, b in ((0, 2), (2, 4), (4, whole.plan.num_frames))]
+    assert backend.probes == 1
+    assert [f.tobytes() for p in parts for f in p.frames] == [f.tobytes() for f in whole.frames]
+    # A rewritten file is planned again.
+    synthetic.write_video(path, width=140, height=112, seconds=2.0, fps=8.0, seed=4)
+    os.utime(path, ns=(1, 1))
+    assert client.decode(path).plan.source_width == 140
+    assert backend.probes == 2

@@ -142,7 +142,8 @@ def hetero_train_step(
     of its chunks in ``BatchPlan.chunks_for_vit_rank`` order. ``llm`` is this rank's list of
     megatron DDP model chunks; ``microbatches`` this replica's micro-batches in pipeline order
     (needed on the first and last stage, None elsewhere). The LLM's `TransformerConfig` must have
-    ``calculate_per_token_loss=True`` and ``variable_seq_lengths=True``.
+    ``calculate_per_token_loss=True`` and ``variable_seq_lengths=True``. As with megatron, the
+    caller zeroes the gradients (ViT ``.grad``, megatron's grad buffers) before the step.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -212,14 +213,14 @@ def hetero_train_step(
     # 6. ViT gradient reduction
     with timer("vit_grad_reduce"):
         if vit_params:
-            params = vit_params
-            for p in params:
+            for p in vit_params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
+            # One all-reduce for all ViT gradients.
+            flat = torch._utils._flatten_dense_tensors([p.grad for p in vit_params])
             dist.all_reduce(flat, group=groups.vit)
             flat /= total_loss_tokens
-            for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, params),
+            for p, g in zip(vit_params, torch._utils._unflatten_dense_tensors(flat, vit_params),
                             strict=True):
                 p.grad.copy_(g)
 

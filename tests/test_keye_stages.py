@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -56,3 +58,47 @@ def test_merge_refuses_mismatched_models():
         merge_state_dicts([a, {"w": torch.zeros(3, 4)}], [1, 1])
     with pytest.raises(ValueError, match="weights must be >= 0"):
         merge_state_dicts([a, a], [1, -1])
+
+
+_BUILD_8B = """
+import os, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from examples.keye_vl.config import MODELS
+from examples.keye_vl.llm import build_llm, transformer_config
+from examples.keye_vl.vision import VisionEncoder
+from hetero_parallel import ParallelPlan, initialize, teardown
+from hetero_parallel.cpu_compat import cpu_compat
+m = MODELS["keye-vl-1.5-8b"]
+with cpu_compat():
+    groups = initialize(ParallelPlan(world_size=1), backend="gloo")
+    with torch.device("meta"):  # shapes only: 8B parameters are not materialised
+        llm = build_llm(m.llm, transformer_config(m.llm, params_dtype=torch.bfloat16,
+                                                  use_cpu_initialization=False,
+                                                  perform_initialization=False))
+        vision = VisionEncoder(m.vision)
+    print(sum(p.numel() for p in llm.parameters()), sum(p.numel() for p in vision.parameters()))
+    teardown(groups, destroy_world=True)
+"""
+
+
+def test_keye_vl_8b_constructs_with_the_real_shapes():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.distributed import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _BUILD_8B], cwd=root, capture_output=True,
+                         text=True, timeout=300,
+                         env={**os.environ, "PORT": str(free_port()),
+                              "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    llm_params, vision_params = map(int, out.stdout.split()[-2:])
+    # Qwen3-8B: 36 layers of 4096 (32 Q / 8 KV heads of 128, FFN 12288), 151,936-token vocab,
+    # untied embeddings: 8.19e9 parameters. SigLIP-400M + the 2x2-merge projector: 0.45e9.
+    embeddings = 2 * 151_936 * 4096
+    per_layer = 4096 * (32 + 2 * 8) * 128 + 32 * 128 * 4096 + 3 * 4096 * 12288 + 2 * 4096 + 2 * 128
+    assert llm_params == embeddings + 36 * per_layer + 4096
+    assert 0.40e9 < vision_params < 0.50e9

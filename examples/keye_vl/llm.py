@@ -64,6 +64,7 @@ def transformer_config(
 
     from hetero_parallel.cpu_compat import check_supported
 
+    overrides.setdefault("use_cpu_initialization", not torch.cuda.is_available())
     check_supported(
         context_parallel_size=context_parallel,
         sequence_parallel=overrides.get("sequence_parallel", False),
@@ -99,7 +100,6 @@ def transformer_config(
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(),
         # Dense model: no MoE, but megatron validates the dispatcher against variable lengths.
         moe_token_dispatcher_type="alltoall",
         **overrides,

@@ -65,9 +65,15 @@ def _losses(out: Path) -> dict[int, float]:
         return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
 
 
-def test_sigkill_and_resume_continue_the_same_trajectory(manifest, tmp_path):
-    straight = tmp_path / "straight"
-    _run(_command(manifest, straight))
+@pytest.fixture(scope="module")
+def straight(manifest, tmp_path_factory) -> Path:
+    """An uninterrupted run (stage 2, TP=2 x PP=2)."""
+    out = tmp_path_factory.mktemp("straight")
+    _run(_command(manifest, out))
+    return out
+
+
+def test_sigkill_and_resume_continue_the_same_trajectory(manifest, straight, tmp_path):
     reference = _losses(straight)
     assert sorted(reference) == list(range(STEPS))
     assert reference[STEPS - 1] < reference[0] - 0.3, reference  # it learns
@@ -136,3 +142,34 @@ def test_stage2_trains_everything_and_stage3_changes_the_rope_base(pool4):
         d = r["inv_freq"].numel() * 2
         expected = 1.0 / (8e6 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
         torch.testing.assert_close(r["inv_freq"], expected)
+
+
+def _load_in_another_layout(path: str) -> dict:
+    from examples.keye_vl.checkpoint import load_unsharded
+    from examples.keye_vl.config import MODELS, STAGES
+    from examples.keye_vl.llm import gather_full_state
+    from examples.keye_vl.trainer import KeyeTrainer, OptimConfig
+    from hetero_parallel import ParallelPlan, initialize, teardown
+    from hetero_parallel.cpu_compat import cpu_compat
+
+    saved = load_unsharded(path)
+    with cpu_compat():
+        groups = initialize(ParallelPlan(world_size=dist.get_world_size(), pp=4), backend="gloo")
+        try:
+            trainer = KeyeTrainer.build(groups, MODELS["tiny"], optim=OptimConfig(),
+                                        rotary_base=STAGES[3].rotary_base, initial_state=saved)
+            mine = gather_full_state(trainer.llm)
+            same_llm = all(torch.equal(v, saved["llm"][k]) for k, v in mine.items())
+            same_vision = all(torch.equal(v, saved["vision"][k])
+                              for k, v in trainer.vision.state_dict().items())
+            return {"names": sorted(mine), "same": same_llm and same_vision}
+        finally:
+            teardown(groups)
+
+
+def test_final_export_starts_the_next_stage_in_another_layout(pool4, straight):
+    """Stage 2 ran on TP=2 x PP=2; the next stage loads its export on PP=4 (--init-from)."""
+    saved = torch.load(straight / "final" / "model.pt", weights_only=True)
+    results = pool4.run(_load_in_another_layout, str(straight / "final" / "model.pt"))
+    assert all(r["same"] for r in results)
+    assert sorted(n for r in results for n in r["names"]) == sorted(saved["llm"])

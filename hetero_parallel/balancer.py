@@ -611,18 +611,11 @@ def _assign_replicas(cost: np.ndarray, tokens: np.ndarray, num_replicas: int,
         c = float(cost[i])
         t = int(tokens[i])
         if not forced and n - i == deficit:
-            # Only as many samples left as empty micro-batches: they all go to those.
-            forced = True
-            heap = [e for e in heap if counts[e[1]] < m]
-            heapq.heapify(heap)
-        skipped = []
-        while heap:
-            load, r = heap[0]
-            if room is None or room[r] >= t:
-                break
-            skipped.append(heapq.heappop(heap))
-        else:
+            forced, heap = True, _only_short(heap, counts, m)
+        found, skipped = _pop_until(heap, lambda r, t=t: room is None or room[r] >= t)
+        if found is None:
             return None  # the joint path reaches the same item and reports it
+        load, r = found
         counts[r] += 1
         if counts[r] <= m:
             deficit -= 1
@@ -667,6 +660,27 @@ def _assign_microbatches(cost: np.ndarray, tokens: np.ndarray, replica: np.ndarr
     return mb, loads
 
 
+def _only_short(heap: list[tuple[float, int]], counts: list[int], m: int):
+    """Once only as many samples are left as there are empty micro-batches, they all go to
+    replicas that still have fewer than ``m`` samples."""
+    heap = [e for e in heap if counts[e[1]] < m]
+    heapq.heapify(heap)
+    return heap
+
+
+def _pop_until(heap: list[tuple[float, int]], qualifies):
+    """Pop least-loaded replicas until one ``qualifies``; it stays on top of the heap.
+
+    Returns ``((load, replica) or None, popped)``; the caller pushes ``popped`` back.
+    """
+    popped = []
+    while heap:
+        if qualifies(heap[0][1]):
+            return heap[0], popped
+        popped.append(heapq.heappop(heap))
+    return None, popped
+
+
 def _place_joint(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray, num_replicas: int,
                  num_microbatches: int, cap: int, quota: int | None,
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -692,17 +706,9 @@ def _place_joint(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray, num_repl
 
     for i, (c, t) in enumerate(zip(cost.tolist(), tokens.tolist(), strict=True)):
         if not forced and n - i == deficit:
-            forced = True
-            heap = [e for e in heap if counts[e[1]] < m]
-            heapq.heapify(heap)
-        skipped = []
-        while heap:
-            load, r = heap[0]
-            j = best_mb(r, t)
-            if j is not None:
-                break
-            skipped.append(heapq.heappop(heap))
-        else:
+            forced, heap = True, _only_short(heap, counts, m)
+        found, skipped = _pop_until(heap, lambda r, t=t: best_mb(r, t) is not None)
+        if found is None:
             raise ValueError(
                 f"greedy placement found no micro-batch with room for sample {int(ids[i])} "
                 f"({t} tokens) under max_tokens_per_microbatch({cap}) with "
@@ -710,6 +716,8 @@ def _place_joint(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray, num_repl
                 f"(batch: {int(tokens.sum())} tokens, capacity {num_replicas * m * cap}); "
                 "raise the cap, add micro-batches or replicas, or shrink the batch"
             )
+        load, r = found
+        j = best_mb(r, t)
         counts[r] += 1
         if counts[r] <= m:
             deficit -= 1

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-megatron test lint bench clean
+.PHONY: venv demo demo-megatron test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -21,17 +21,21 @@ DEMO_OUT ?= runs/keye_tiny
 # The reference Keye-VL-1.5 example on 4 CPU ranks: real clips and images, a local I/O server,
 # the resumable loader, the balancer and the heterogeneous step (LLM TP=2 x PP=2, ViT DP=4).
 demo: $(STAMP)
-	test -f $(DEMO_DATA)/manifest.jsonl || $(PY) examples/keye_vl/make_data.py --out $(DEMO_DATA)
-	$(PY) -m torch.distributed.run --standalone --nproc-per-node 4 examples/keye_vl/train.py \
+	test -f $(DEMO_DATA)/manifest.jsonl || $(PY) -m examples.keye_vl.make_data --out $(DEMO_DATA)
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node 4 -m examples.keye_vl.train \
 		--data $(DEMO_DATA)/manifest.jsonl --model tiny --stage 2 --tp 2 --pp 2 --steps 50 \
 		--lr 3e-3 --save-every 10 --out $(DEMO_OUT)
 
 # The foundation demo: placement + a few real megatron-core steps on 4 CPU ranks (text only).
 demo-megatron: $(STAMP)
-	$(PY) -m torch.distributed.run --standalone --nproc-per-node 4 examples/megatron_demo.py
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node 4 -m examples.megatron_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Pure tests only (no processes, servers or process groups): under a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

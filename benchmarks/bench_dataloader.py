@@ -41,6 +41,7 @@ from dataloader.mixture import Mixture
 from dataloader.order import epoch_permutation
 from hetero_parallel.cost_model import CostModel
 from hetero_parallel.plan import ParallelPlan
+from hetero_parallel.step_plan import StepConfig
 
 POSITION = 10**9
 BATCH = 256
@@ -128,8 +129,8 @@ def bench_throughput(manifest: Manifest, steps: int, repeats: int) -> None:
     raw_best = ours_best = raw_cpu = ours_cpu = float("inf")
     requests = 0
     def config(rep: int) -> LoaderConfig:
-        return LoaderConfig(global_batch_size=batch, seed=rep, prefetch=2, num_microbatches=2,
-                            frames_per_chunk=frames_max)
+        return LoaderConfig(global_batch_size=batch, seed=rep, prefetch=2,
+                            step=StepConfig(num_microbatches=2, frames_per_chunk=frames_max))
 
     def run_ours(rep: int) -> None:
         nonlocal ours_best, ours_cpu, requests

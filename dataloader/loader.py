@@ -6,7 +6,8 @@ For global step ``s`` every rank, independently and identically:
    (`dataloader.mixture.Mixture`: position -> dataset, epoch, sample), reads their records from
    the in-memory manifest and sizes them (`dataloader.sequence.sample_sizes`: layouts from
    lengths only);
-2. plans the batch with the balancer (``plan_global_batch``, keyed by position as sample id);
+2. plans the step (`hetero_parallel.step_plan.plan_step`, keyed by position as sample id): the
+   balancer's placement, this rank's routing table and its replica's micro-batch shapes;
 3. fetches what its role needs (`ParallelPlan.data_role`): a ViT rank decodes the frames of its
    chunks (``IOClient.decode(path, frame_start, frame_stop)``, one request per chunk); a token
    loader (``tp == cp == 0`` on the first / last stage) tokenizes its replica's samples; nobody
@@ -30,7 +31,9 @@ calling thread then runs this step's collectives, in this order on every rank:
    flags packed in) over its tensor-and-context group (``token_group``); the peers allocate the
    buffer from the layouts they computed in step 1.
 
-`StepData` then holds exactly what ``hetero_parallel.step.hetero_train_step`` consumes.
+Finally the micro-batches are built from the broadcast tokens and checked against the step plan's
+routing table (`hetero_parallel.step_plan.check_microbatches`). `StepData` then holds exactly what
+``hetero_parallel.trainer.HeteroTrainer.step`` consumes.
 
 The state (`state_dict`) counts only batches returned by `next_step`, never prefetched ones.
 """
@@ -41,7 +44,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,13 +54,21 @@ import torch.distributed as dist
 
 from dataloader.manifest import Manifest, Record
 from dataloader.mixture import Mixture
-from dataloader.sequence import ByteTokenizer, SampleSizes, Tokenizer, sample_sizes, tokenize
+from dataloader.sequence import (
+    IMAGE_PAD,
+    VIDEO_PAD,
+    ByteTokenizer,
+    SampleSizes,
+    Tokenizer,
+    sample_sizes,
+    tokenize,
+)
 from dataloader.state import STATE_VERSION, LoaderState
-from hetero_parallel.balancer import BatchPlan, plan_global_batch
+from hetero_parallel.balancer import BatchPlan
 from hetero_parallel.cost_model import CostModel
+from hetero_parallel.layout import MicroBatch, SampleLayout, make_microbatch
 from hetero_parallel.plan import ParallelPlan
-from hetero_parallel.routing import SampleLayout, microbatch_shapes
-from hetero_parallel.step import MicroBatch, make_microbatch
+from hetero_parallel.step_plan import StepConfig, StepPlan, check_microbatches, plan_step
 
 if TYPE_CHECKING:
     from io_server.client import IOClient
@@ -76,22 +87,18 @@ class LoaderConfig:
     weights: Mapping[str, float] | None = None
     """Mixture weights by dataset name (e.g. video 24, image 50, text 26); None: proportional to
     the datasets' sizes."""
-    num_microbatches: int = 1
-    """Micro-batches per replica per step (the balancer's ``num_microbatches``)."""
-    max_tokens_per_microbatch: int | None = None
-    equal_samples_per_replica: bool = False
-    frames_per_chunk: int = 8
-    """Consecutive video frames per ViT work item (and per decode request)."""
-    pad_multiple: int | None = None
-    """Micro-batch length multiple; None: ``2 * cp`` when ``cp > 1``, else 1 (as routing)."""
+    step: StepConfig = StepConfig()
+    """How each global batch is split into work (micro-batches, ViT chunks, padding); its
+    ``frames_per_chunk`` is also the frames per decode request."""
     prefetch: int = 2
     """Steps loaded ahead in a background thread; 0 loads in the calling thread."""
     max_replacement_rounds: int = 64
     """Bad-sample rounds per step before giving up (a dataset that is mostly broken)."""
 
     def __post_init__(self) -> None:
-        for name in ("global_batch_size", "num_microbatches", "frames_per_chunk",
-                     "max_replacement_rounds"):
+        if not isinstance(self.step, StepConfig):
+            raise ValueError(f"LoaderConfig.step must be a StepConfig, got {self.step!r}")
+        for name in ("global_batch_size", "max_replacement_rounds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"LoaderConfig.{name} must be an int >= 1, got {v!r}")
@@ -130,9 +137,8 @@ class StepData:
     step: int
     samples: tuple[SampleRef, ...]
     """The global batch, by increasing position (the same on every rank)."""
-    batch: BatchPlan
-    layouts: dict[int, SampleLayout]
-    """Every sample of the global batch, by position (routing needs them all)."""
+    plan: StepPlan
+    """The step plan of this rank: placement, routing table, micro-batch shapes."""
     total_loss_tokens: int
     """Loss-carrying positions of the whole global batch."""
     vision_frames: tuple[torch.Tensor, ...]
@@ -145,6 +151,15 @@ class StepData:
     @property
     def sample_ids(self) -> tuple[int, ...]:
         return tuple(s.position for s in self.samples)
+
+    @property
+    def batch(self) -> BatchPlan:
+        return self.plan.batch
+
+    @property
+    def layouts(self) -> Mapping[int, SampleLayout]:
+        """Every sample of the global batch, by position."""
+        return self.plan.layouts
 
 
 @dataclass
@@ -175,7 +190,7 @@ class _Round:
     generation: int
     refs: dict[int, SampleRef] = field(default_factory=dict)
     sizes: dict[int, SampleSizes] = field(default_factory=dict)
-    batch: BatchPlan | None = None
+    plan: StepPlan | None = None
     pixels: dict[tuple[int, int, int, int], list[torch.Tensor]] = field(default_factory=dict)
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)
     bad: dict[int, str] = field(default_factory=dict)
@@ -194,6 +209,9 @@ class StepLoader:
         tokenizer: default `ByteTokenizer`.
         token_group: this rank's tensor-and-context group (``ParallelGroups.token_broadcast``);
             needed when ``tp * cp > 1``.
+        positions: the model's rotary positions of a sample, ``[seq_len]`` or ``[axes, seq_len]``
+            int64 from its `SampleLayout` (e.g. multimodal (t, h, w) positions); default
+            ``0 .. seq_len - 1``. Computed by the ranks that build micro-batches.
         verdict_group: the group that agrees on bad samples: every rank of the plan (default: the
             default process group). With ``plan.world_size == 1`` no collective is run.
 
@@ -212,14 +230,17 @@ class StepLoader:
         tokenizer: Tokenizer | None = None,
         token_group: dist.ProcessGroup | None = None,
         verdict_group: dist.ProcessGroup | None = None,
+        positions: Callable[[SampleLayout], np.ndarray] | None = None,
     ) -> None:
         if not 0 <= rank < plan.world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size({plan.world_size}))")
-        if config.global_batch_size < plan.dp * config.num_microbatches:
+        mbs = config.step.num_microbatches
+        if config.global_batch_size < plan.dp * mbs:
             raise ValueError(
                 f"global_batch_size({config.global_batch_size}) < dp({plan.dp}) * "
-                f"num_microbatches({config.num_microbatches}): every micro-batch needs a sample")
-        if config.equal_samples_per_replica and config.global_batch_size % plan.dp:
+                f"num_microbatches({mbs}): every micro-batch needs a sample")
+        config.step.divisor(plan)  # a bad pad_to_multiple_of fails here, before any step
+        if config.step.equal_samples_per_replica and config.global_batch_size % plan.dp:
             raise ValueError(f"equal_samples_per_replica: global_batch_size("
                              f"{config.global_batch_size}) is not a multiple of dp({plan.dp})")
         sizes = manifest.datasets
@@ -238,11 +259,13 @@ class StepLoader:
         self.vit_index = plan.vit_index(rank)
         self.cost_model = cost_model
         self.tokenizer = tokenizer or ByteTokenizer()
+        self._visual_ids = {self.tokenizer.special_id(IMAGE_PAD),
+                            self.tokenizer.special_id(VIDEO_PAD)}
         self.mixture = Mixture.create(weights, {k: sizes[k] for k in weights}, config.seed)
         self._rows = [manifest.dataset_rows(n) for n in self.mixture.names]
-        self.pad_multiple = config.pad_multiple or (2 * plan.cp if plan.cp > 1 else 1)
         self.token_group = token_group
         self.verdict_group = verdict_group
+        self.positions = positions
         c = plan.coords(rank)
         self._token_src = plan.rank_of(tp=0, cp=0, dp=c.dp, pp=c.pp)
         if self.role.needs_tokens and plan.tp * plan.cp > 1 and token_group is None:
@@ -315,21 +338,15 @@ class StepLoader:
             rnd.refs[p] = ref
             if p not in rnd.sizes:
                 rnd.sizes[p] = sample_sizes(record, p, self.tokenizer)
-        specs = [rnd.sizes[p].layout.spec() for p in rnd.positions]
-        rnd.batch = plan_global_batch(
-            specs, self.cost_model, num_replicas=self.plan.dp,
-            num_microbatches=self.config.num_microbatches, num_vit_ranks=self.plan.vit_dp,
-            max_tokens_per_microbatch=self.config.max_tokens_per_microbatch,
-            equal_samples_per_replica=self.config.equal_samples_per_replica,
-            frames_per_chunk=self.config.frames_per_chunk,
-        )
+        rnd.plan = plan_step(self.plan, self.rank, [rnd.sizes[p].layout for p in rnd.positions],
+                             self.cost_model, self.config.step)
 
     def _fetch(self, rnd: _Round, records: dict[int, Record]) -> None:
         from io_server.client import IOServerError
         from io_server.media import MediaError
 
-        batch = rnd.batch
-        assert batch is not None
+        assert rnd.plan is not None
+        batch = rnd.plan.batch
         if self.vit_index is not None:
             for ch in batch.chunks_for_vit_rank(self.vit_index):
                 key = (ch.sample_id, ch.media_index, ch.frame_start, ch.frame_stop)
@@ -437,12 +454,13 @@ class StepLoader:
         bad = {rnd.positions[i] for i in torch.nonzero(flags[:-1]).flatten().tolist()}
         return bad, bool(flags[-1])
 
-    def _tokens(self, rnd: _Round, layouts: dict[int, SampleLayout]) -> list[torch.Tensor] | None:
+    def _tokens(self, rnd: _Round, layouts: Mapping[int, SampleLayout]
+                ) -> list[torch.Tensor] | None:
         """This replica's packed token ids (id * 2 + is_target) per sample, in micro-batch order."""
         if not self.role.needs_tokens:
             return None
-        batch = rnd.batch
-        assert batch is not None
+        assert rnd.plan is not None
+        batch = rnd.plan.batch
         order = [p for mb in batch.samples_for_replica(self.role.llm_replica) for p in mb]
         lengths = [layouts[p].seq_len for p in order]
         if self.role.loads_tokens:
@@ -457,6 +475,13 @@ class StepLoader:
                 else:
                     self.counters.broadcasts_received += 1
         return list(torch.split(flat, lengths))
+
+    def _positions(self, step_plan: StepPlan, ids: tuple[int, ...]
+                   ) -> list[torch.Tensor] | None:
+        if self.positions is None:
+            return None
+        return [torch.from_numpy(np.asarray(self.positions(step_plan.layouts[p]), np.int64))
+                for p in ids]
 
     def next_step(self) -> StepData:
         """The next global step (collective over the plan's ranks)."""
@@ -494,20 +519,20 @@ class StepLoader:
                          pixels={k: v for k, v in rnd.pixels.items() if k[0] in keep},
                          tokens={p: t for p, t in rnd.tokens.items() if p in keep})
             self._run_round(rnd)
-        batch = rnd.batch
-        assert batch is not None
-        layouts = {p: rnd.sizes[p].layout for p in rnd.positions}
-        packed = self._tokens(rnd, layouts)
+        step_plan = rnd.plan
+        assert step_plan is not None
+        batch = step_plan.batch
+        packed = self._tokens(rnd, step_plan.layouts)
         microbatches = None
         if packed is not None:
             by_pos = dict(zip([p for mb in batch.samples_for_replica(self.role.llm_replica)
                                for p in mb], packed, strict=True))
             microbatches = tuple(
                 make_microbatch([by_pos[p] // 2 for p in mb.sample_ids],
-                                [(by_pos[p] % 2).bool() for p in mb.sample_ids], mb.seq_len,
-                                self.tokenizer.pad_id)
-                for mb in microbatch_shapes(batch, layouts, self.role.llm_replica,
-                                            self.pad_multiple))
+                                [(by_pos[p] % 2).bool() for p in mb.sample_ids], mb,
+                                self.tokenizer.pad_id, self._positions(step_plan, mb.sample_ids))
+                for mb in step_plan.shapes)
+            check_microbatches(step_plan, microbatches, self._visual_ids)
         frames: list[torch.Tensor] = []
         if self.vit_index is not None:
             for ch in batch.chunks_for_vit_rank(self.vit_index):
@@ -524,8 +549,7 @@ class StepLoader:
         return StepData(
             step=step,
             samples=tuple(rnd.refs[p] for p in rnd.positions),
-            batch=batch,
-            layouts=layouts,
+            plan=step_plan,
             total_loss_tokens=sum(rnd.sizes[p].loss_tokens for p in rnd.positions),
             vision_frames=tuple(frames),
             microbatches=microbatches,

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dataloader.manifest import MediaRef, Record
-from hetero_parallel.routing import SampleLayout
+from hetero_parallel.layout import SampleLayout
 
 PAD = "<|pad|>"
 END_OF_TEXT = "<|endoftext|>"
@@ -198,7 +198,10 @@ def sample_sizes(record: Record, sample_id: int, tokenizer: Tokenizer) -> Sample
         if piece.target:
             loss += n - (1 if pos == 0 else 0)
         pos += n
-    layout = SampleLayout(sample_id, pos, tuple(map(tuple, tokens)), tuple(map(tuple, positions)))
+    grids = tuple(tuple((h // 28, w // 28) for h, w in zip(m.heights, m.widths, strict=True))
+                  for m in record.media)
+    layout = SampleLayout(sample_id, pos, tuple(map(tuple, tokens)), tuple(map(tuple, positions)),
+                          grids)
     return SampleSizes(layout, loss)
 
 

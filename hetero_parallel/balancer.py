@@ -10,7 +10,12 @@ Every rank calls ``plan_global_batch`` with the same samples and gets a bit-iden
   first). Constraints: every replica gets ``num_microbatches`` non-empty micro-batches; no
   micro-batch exceeds ``max_tokens_per_microbatch``; with ``equal_samples_per_replica`` every
   replica gets ``len(samples) / num_replicas`` samples. Micro-batches are then ordered for the
-  pipeline: the lightest at both ends, the heaviest in the middle.
+  pipeline: the lightest at both ends, the heaviest in the middle. When the greedy finds no
+  room under the token cap, the batch is not refused yet: a bin-packing lower bound, then an
+  exact search (bounded by a work count, so deterministic), then (without equal counts) a
+  best-fit-decreasing packing repair take over. A refusal says either "no placement exists"
+  (proved by the bound or by the exhausted search) or "gave up" (the search hit its limit and
+  the repair failed), with the numbers.
 - **ViT.** Each media item (an image, or a chunk of ``frames_per_chunk`` consecutive video frames)
   goes to one of ``num_vit_ranks`` ranks by LPT on ``CostModel`` ViT cost, wherever its sample's
   text went.
@@ -31,6 +36,7 @@ bins runs as a windowed numpy loop (``lpt_assign``) and sizes travel as packed b
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import operator
@@ -326,7 +332,9 @@ def plan_global_batch(
     Raises ``ValueError`` (naming the values) for: a non-positive count; duplicate sample ids; fewer
     samples than ``num_replicas * num_microbatches`` (every micro-batch needs one); a sample longer
     than ``max_tokens_per_microbatch``; ``equal_samples_per_replica`` with ``len(samples)`` not a
-    multiple of ``num_replicas``; and a batch the greedy cannot fit under the token cap.
+    multiple of ``num_replicas``; a batch that cannot fit under the token cap ("no placement
+    exists", proved); and one the bounded fallback could not place ("gave up": rare, at scale with
+    a cap within a few percent of the mean micro-batch, mostly with equal counts).
     """
     for name, value in (("num_replicas", num_replicas), ("num_microbatches", num_microbatches),
                         ("num_vit_ranks", num_vit_ranks), ("frames_per_chunk", frames_per_chunk)):
@@ -551,9 +559,14 @@ def _place_samples(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray, num_re
     if placed is None:
         # Some item found no room: redo with the joint (replica, micro-batch) check. It gives
         # the fast path's plan whenever that succeeds (a replica with a micro-batch that has room
-        # also has total room), and otherwise fits more or names the item that fits nowhere.
-        replica, mb, mb_costs = _place_joint(cost[order], tokens[order], ids[order], num_replicas,
-                                             num_microbatches, cap, quota)
+        # also has total room), and otherwise fits more. If it too gets stuck, search.
+        try:
+            replica, mb, mb_costs = _place_joint(cost[order], tokens[order], num_replicas,
+                                                 num_microbatches, cap, quota)
+        except _NoRoom as stuck:
+            replica, mb, mb_costs = _place_when_greedy_fails(
+                cost[order], tokens[order], ids[order], num_replicas, num_microbatches, cap,
+                quota, stuck.index)
     else:
         mb, mb_costs = placed
     rep_out = np.empty_like(replica)
@@ -681,11 +694,11 @@ def _pop_until(heap: list[tuple[float, int]], qualifies):
     return None, popped
 
 
-def _place_joint(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray, num_replicas: int,
+def _place_joint(cost: np.ndarray, tokens: np.ndarray, num_replicas: int,
                  num_microbatches: int, cap: int, quota: int | None,
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Slow path of ``_place_samples``: a replica qualifies only if one of its micro-batches has
-    room. Items are in placement order."""
+    room. Items are in placement order; ``_NoRoom`` if one fits nowhere."""
     n = cost.size
     m = num_microbatches
     mb_load = [[0.0] * m for _ in range(num_replicas)]
@@ -709,13 +722,7 @@ def _place_joint(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray, num_repl
             forced, heap = True, _only_short(heap, counts, m)
         found, skipped = _pop_until(heap, lambda r, t=t: best_mb(r, t) is not None)
         if found is None:
-            raise ValueError(
-                f"greedy placement found no micro-batch with room for sample {int(ids[i])} "
-                f"({t} tokens) under max_tokens_per_microbatch({cap}) with "
-                f"num_replicas({num_replicas}) x num_microbatches({m}) "
-                f"(batch: {int(tokens.sum())} tokens, capacity {num_replicas * m * cap}); "
-                "raise the cap, add micro-batches or replicas, or shrink the batch"
-            )
+            raise _NoRoom(i)
         load, r = found
         j = best_mb(r, t)
         counts[r] += 1
@@ -733,6 +740,259 @@ def _place_joint(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray, num_repl
             heapq.heappush(heap, e)
     return (np.asarray(rep_out, dtype=np.int64), np.asarray(mb_out, dtype=np.int64),
             np.asarray(mb_load, dtype=np.float64))
+
+
+# --- when the greedy finds no room: a bound, a bounded exact search, a packing repair -----------
+SEARCH_BUDGET = 300_000
+"""Work limit of the exact search, in replicas and micro-batches examined (about 0.1 s on one
+core). A count, not a clock: every rank stops at the same point and plans stay identical."""
+_MEMO_BINS = 256
+"""Failed search states are remembered only up to this many micro-batches (a state's key costs
+O(micro-batches) to build)."""
+
+
+class _NoRoom(Exception):
+    """The greedy found no micro-batch with room for item ``index`` (in placement order)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+def _place_when_greedy_fails(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray,
+                             num_replicas: int, num_microbatches: int, cap: int,
+                             quota: int | None,
+                             stuck: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Placement of items (in placement order) that the greedy could not fit under ``cap``; it
+    stopped at item ``stuck``.
+
+    Whether the items fit does not depend on costs: it is bin packing into ``num_replicas *
+    num_microbatches`` micro-batches of ``cap`` tokens, none empty, with ``quota`` items per
+    replica when asked. In turn:
+
+    1. a lower bound (`_bins_needed`; under a quota also the ``quota`` smallest items against one
+       replica's room) may prove that no placement exists;
+    2. an exact depth-first search (`_search`) that tries the greedy's own preferences first,
+       bounded by `SEARCH_BUDGET`: it finds a placement or proves there is none;
+    3. if the search hit its limit and there is no quota, a packing repair (`_pack_first`):
+       best-fit decreasing on tokens, then whole micro-batches dealt to replicas by cost.
+
+    Raises ``ValueError`` that says "no placement exists" only when one of 1-2 proved it, and
+    "gave up" otherwise, with the numbers either way.
+    """
+    n, bins = cost.size, num_replicas * num_microbatches
+    where = (f"{n} samples ({int(tokens.sum())} tokens, largest {int(tokens.max())}) in "
+             f"num_replicas({num_replicas}) x num_microbatches({num_microbatches}) "
+             f"micro-batches of at most max_tokens_per_microbatch({cap}) tokens"
+             + (f" with {quota} samples per replica" if quota is not None else ""))
+    hint = "raise the cap, add micro-batches or replicas, or shrink the batch"
+    need = _bins_needed(tokens, cap)
+    if need > bins:
+        raise ValueError(
+            f"no placement exists for {where}: they need at least {need} micro-batches "
+            f"(Martello-Toth bin-packing lower bound) and there are {bins}; {hint}")
+    if quota is not None:
+        smallest = int(np.sort(tokens)[:quota].sum())
+        if smallest > num_microbatches * cap:
+            raise ValueError(
+                f"no placement exists for {where}: the {quota} smallest samples hold {smallest} "
+                f"tokens, more than one replica's num_microbatches({num_microbatches}) x "
+                f"max_tokens_per_microbatch({cap}) = {num_microbatches * cap}; {hint}")
+    placed, exhausted, work = _search(cost, tokens, num_replicas, num_microbatches, cap, quota)
+    if exhausted:
+        raise ValueError(
+            f"no placement exists for {where}: an exhaustive search ({work} steps) found none "
+            f"(lower bound: {need} micro-batches of {bins}); {hint}")
+    if placed is None and quota is None:
+        placed = _pack_first(cost, tokens, num_replicas, num_microbatches, cap)
+    if placed is None:
+        raise ValueError(
+            f"gave up placing {where}: the greedy found no micro-batch with room for sample "
+            f"{int(ids[stuck])} ({int(tokens[stuck])} tokens), an exact search stopped at its "
+            f"limit of {SEARCH_BUDGET} steps"
+            + ("" if quota is not None else " and best-fit packing found no room either")
+            + f"; a placement may still exist (lower bound: {need} micro-batches of {bins}); "
+            + hint)
+    replica, mb = placed
+    mb_costs = np.zeros((num_replicas, num_microbatches))
+    np.add.at(mb_costs, (replica, mb), cost)  # in placement order, as the greedy adds them
+    return replica, mb, mb_costs
+
+
+def _search(cost: np.ndarray, tokens: np.ndarray, num_replicas: int, num_microbatches: int,
+            cap: int, quota: int | None,
+            ) -> tuple[tuple[np.ndarray, np.ndarray] | None, bool, int]:
+    """``(placement, exhausted, work)``: the placement (replica and micro-batch of each item)
+    or None; ``exhausted`` when the whole search ran (then None proves that none exists) rather
+    than stopping after `SEARCH_BUDGET` units of work.
+
+    Depth-first over the items in decreasing token order; each item tries micro-batches in the
+    greedy's preference (least-loaded replica by cost, then an empty or the least-loaded
+    micro-batch), so its first dive follows the greedy. Pruned, all exactly: a micro-batch
+    interchangeable with one already tried for this item (same tokens used; under a quota also
+    a replica with the same count and micro-batch fillings); a state already known to fail (same
+    remaining items and the same fillings up to those symmetries); more tokens left than room; a
+    placement that leaves fewer items than empty micro-batches (of a replica, under a quota).
+    """
+    n, m, nr = cost.size, num_microbatches, num_replicas
+    bins = nr * m
+    order = np.lexsort((np.arange(n), -tokens)).tolist()
+    size = tokens[order].tolist()
+    weight = cost[order].tolist()
+    rest = np.concatenate((np.cumsum(tokens[order][::-1])[::-1], [0])).tolist()
+    used = [[0] * m for _ in range(nr)]
+    mb_load = [[0.0] * m for _ in range(nr)]
+    load = [0.0] * nr
+    count = [0] * nr
+    empty_in = [m] * nr
+    empty = bins
+    free = bins * cap
+    work = 0
+    memo = bins <= _MEMO_BINS
+    failed: set = set()
+
+    def key(i: int):
+        if quota is None:
+            return i, tuple(sorted(u for row in used for u in row))
+        return i, tuple(sorted((count[r], tuple(sorted(used[r]))) for r in range(nr)))
+
+    def options(i: int):
+        """Candidate (replica, micro-batch) pairs for item ``i``, lazily; counts its work."""
+        nonlocal work
+        t = size[i]
+        seen = set()
+        work += nr
+        for r in sorted(range(nr), key=lambda r: (load[r], r)):
+            if quota is not None and count[r] >= quota:
+                continue
+            row = used[r]
+            shape = (count[r], tuple(sorted(row))) if quota is not None else None
+            work += m
+            for j in sorted(range(m), key=lambda j: (row[j] > 0, mb_load[r][j], j)):
+                u = row[j]
+                if u + t > cap or (shape, u) in seen:
+                    continue
+                if u > 0 and (n - i - 1 < empty if quota is None
+                              else quota - count[r] - 1 < empty_in[r]):
+                    continue  # the empty micro-batches could no longer all be filled
+                seen.add((shape, u))
+                yield r, j
+
+    # choice[i] = (replica, micro-batch, load and micro-batch load before) of item i
+    choice: list[tuple[int, int, float, float]] = []
+    stack = [(options(0), key(0) if memo else None)]
+    while stack and len(choice) < n and work <= SEARCH_BUDGET:
+        i = len(choice)
+        candidates, here = stack[-1]
+        picked = next(candidates, None)
+        if picked is None:  # every option of item i failed: back up
+            if here is not None:
+                failed.add(here)
+            stack.pop()
+            if choice:
+                r, j, before, mb_before = choice.pop()
+                t = size[i - 1]
+                used[r][j] -= t
+                load[r], mb_load[r][j] = before, mb_before
+                count[r] -= 1
+                free += t
+                if used[r][j] == 0:
+                    empty_in[r] += 1
+                    empty += 1
+            continue
+        r, j = picked
+        t = size[i]
+        choice.append((r, j, load[r], mb_load[r][j]))
+        if used[r][j] == 0:
+            empty_in[r] -= 1
+            empty -= 1
+        used[r][j] += t
+        load[r] += weight[i]
+        mb_load[r][j] += weight[i]
+        count[r] += 1
+        free -= t
+        if i + 1 < n:
+            nxt = key(i + 1) if memo else None
+            work += bins if memo else 0
+            if rest[i + 1] > free or (memo and nxt in failed):
+                stack.append((iter(()), None))  # a dead end: backs up at once, records nothing
+            else:
+                stack.append((options(i + 1), nxt))
+    if len(choice) < n:
+        return None, not stack, work
+    replica = np.empty(n, dtype=np.int64)
+    mb = np.empty(n, dtype=np.int64)
+    replica[order] = [c[0] for c in choice]
+    mb[order] = [c[1] for c in choice]
+    return (replica, mb), False, work
+
+
+def _pack_first(cost: np.ndarray, tokens: np.ndarray, num_replicas: int,
+                num_microbatches: int, cap: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Packing repair, tokens first and cost second (no quota): best-fit decreasing
+    (`_best_fit`) over every micro-batch, then whole micro-batches are dealt to replicas,
+    heaviest cost first, each to the least-loaded replica that has fewer than
+    ``num_microbatches``. None if an item finds no room."""
+    n, m = cost.size, num_microbatches
+    order = np.lexsort((np.arange(n), -tokens)).tolist()
+    members = _best_fit(order, tokens.tolist(), num_replicas * m, cap)
+    if members is None:
+        return None
+    replica = np.empty(n, dtype=np.int64)
+    mb = np.empty(n, dtype=np.int64)
+    bin_cost = [float(np.sum(cost[sorted(group)])) for group in members]
+    heap = [(0.0, r) for r in range(num_replicas)]
+    filled = [0] * num_replicas
+    for b in sorted(range(len(members)), key=lambda b: (-bin_cost[b], b)):
+        load, r = heapq.heappop(heap)
+        replica[members[b]], mb[members[b]] = r, filled[r]
+        filled[r] += 1
+        if filled[r] < m:
+            heapq.heappush(heap, (load + bin_cost[b], r))
+    return replica, mb
+
+
+def _best_fit(order: list[int], size: list[int], bins: int, cap: int) -> list[list[int]] | None:
+    """Items ``order`` (largest first, at least ``bins`` of them) packed into ``bins`` bins of
+    ``cap``, each into the fullest bin with room (ties to the lowest bin), no bin left empty.
+    None if an item finds no room.
+
+    Once the items left only just suffice for the empty bins, the non-empty bins close and the
+    last items go one to each empty bin (an item alone always fits). O(n log bins + bins).
+    """
+    room = [(cap, b) for b in range(bins)]  # open bins, sorted by (room left, bin)
+    items: list[list[int]] = [[] for _ in range(bins)]
+    empty, to_place, closed = bins, len(order), False
+    for i in order:
+        k = bisect.bisect_left(room, (size[i], -1))
+        if k == len(room):
+            return None
+        left, b = room.pop(k)
+        empty -= not items[b]
+        items[b].append(i)
+        to_place -= 1
+        if not closed and to_place == empty:
+            closed = True
+            room = [(cap, c) for c in range(bins) if not items[c]]
+        if not closed:
+            bisect.insort(room, (left - size[i], b))
+    return items
+
+
+def _bins_needed(tokens: np.ndarray, cap: int) -> int:
+    """Martello and Toth's lower bound L2 on the bins of size ``cap`` that hold ``tokens``
+    (each <= cap). For every threshold ``k <= cap / 2``: items over ``cap - k`` need a bin each,
+    so do items in ``(cap / 2, cap - k]``, and items in ``[k, cap / 2]`` fill what the latter
+    leave free before they need more bins."""
+    t = np.sort(np.asarray(tokens, dtype=np.int64))
+    total = np.concatenate(([0], np.cumsum(t)))
+    k = np.unique(np.concatenate(([0], t[2 * t <= cap])))
+    half = np.searchsorted(t, cap // 2, side="right")      # items <= cap / 2
+    lo = np.searchsorted(t, k, side="left")                 # first item >= k
+    hi = np.searchsorted(t, cap - k, side="right")          # items <= cap - k
+    over, mid = t.size - hi, hi - half
+    spill = (total[half] - total[lo]) - (mid * cap - (total[hi] - total[half]))
+    return int(np.max(over + mid + np.maximum(0, -(-spill // cap))))
 
 
 def _pipeline_order(replica: np.ndarray, microbatch: np.ndarray, mb_costs: np.ndarray,

@@ -16,10 +16,16 @@ What it redirects while active (see ``REDIRECTS``):
 - the CUDA RNG state used by megatron's ``CudaRNGStatesTracker`` (``get_rng_state``,
   ``set_rng_state``, ``manual_seed``) -> the CPU default generator, which is what CPU dropout uses.
 
-What it refuses (``check_supported``), because it needs TransformerEngine kernels or CUDA-typed
-tensors that cannot be redirected: context-parallel attention (cp > 1), packed THD sequences,
-sequence parallelism, and the distributed optimizer (whose ``'torch.cuda.FloatTensor'`` type-string
-checks fail on CPU). Use ``clip_grad=0`` and megatron's non-distributed optimizer on CPU.
+- ``Tensor.type()`` (the type-string query, no argument) on a CPU tensor answers
+  ``'torch.cuda.<T>Tensor'``: megatron's optimizers check those strings
+  (``optimizer.py`` ``Float16OptimizerWithFloat16Params``: ``'torch.cuda.FloatTensor'`` /
+  ``'torch.cuda.BFloat16Tensor'``; ``distrib_optimizer.py`` ``_build_model_and_main_param_groups``;
+  ``clip_grads.py`` ``clip_grad_by_total_norm_fp32``), so the distributed optimizer and megatron's
+  gradient clipping run on CPU;
+- megatron's local core attention (``DotProductAttention``, which refuses context parallelism and
+  packed THD sequences) is replaced, through the layer spec, by
+  `hetero_parallel.cpu_layers.CpuCoreAttention` (``llm_chunks.gpt_layer_spec``), so context
+  parallelism, packing and sequence parallelism run on gloo.
 
 On a machine where CUDA is available the layer does nothing: ``cpu_compat()`` yields ``False`` and
 leaves torch untouched, so a training script can always wrap itself in it.
@@ -52,7 +58,11 @@ REDIRECTS: tuple[str, ...] = (
     "torch.cuda.synchronize/current_stream/default_stream/Stream/stream/Event -> no-ops",
     "torch.cuda.get_rng_state/set_rng_state/manual_seed and megatron's CUDA RNG tracker "
     "-> CPU default generator",
-    "torch.Tensor.pin_memory -> identity",
+    "torch.Tensor.pin_memory -> identity; pin_memory=True in factory calls -> False",
+    "Tensor.type() (no argument) on CPU tensors -> 'torch.cuda.<T>Tensor' (megatron's "
+    "optimizer, distributed optimizer and grad-clipping type-string checks)",
+    "megatron local-spec core attention -> hetero_parallel.cpu_layers.CpuCoreAttention "
+    "(CP, packed THD; via llm_chunks.gpt_layer_spec)",
 )
 
 
@@ -69,16 +79,58 @@ class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments of every torch call to CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            return _backward_redirected(func, args, kwargs or {})
         kwargs = dict(kwargs or {})
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = torch.device("cpu")
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False  # no pinned-memory allocator without CUDA
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], torch.device("cpu"), *args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and kwargs.get("dtype") is None:
+            name = func(*args, **kwargs)
+            if name.startswith("torch.") and not name.startswith("torch.cuda."):
+                return "torch.cuda." + name[len("torch."):]
+            return name
         return func(*args, **kwargs)
+
+
+def _backward_redirected(func, args, kwargs) -> None:
+    """Run a backward pass with the redirects active inside it.
+
+    A mode is switched off while its handler runs, and a backward pass runs Python code (autograd
+    Functions such as megatron's sequence-parallel linear layers) that allocates on the "current
+    CUDA device" too. So the handler does what ``torch.autograd.backward`` does after its own
+    torch-function check, the autograd engine call, under a fresh instance of the mode.
+    """
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    if func is torch.Tensor.backward:
+        names = ("tensors", "grad_tensors", "retain_graph", "create_graph", "inputs")
+        bound = dict(zip(names, args, strict=False))
+        for k, v in kwargs.items():
+            bound["grad_tensors" if k == "gradient" else k] = v
+    else:
+        bound = {"tensors": args[0], **kwargs}
+    tensors = bound["tensors"]
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    create_graph = bool(bound.get("create_graph") or False)
+    retain_graph = bound.get("retain_graph")
+    retain_graph = create_graph if retain_graph is None else retain_graph
+    inputs = bound.get("inputs")
+    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor)
+                                        else tuple(inputs))
+    grads = _tensor_or_tensors_to_tuple(bound.get("grad_tensors"), len(tensors))
+    with _CudaToCpuMode():
+        grads = _make_grads(tensors, grads, is_grads_batched=False)
+        _engine_run_backward(tensors, grads, retain_graph, create_graph, inputs,
+                             allow_unreachable=True, accumulate_grad=True)
 
 
 class _NoOpStream:
@@ -204,35 +256,3 @@ def cpu_compat() -> Iterator[bool]:
         for p, original in saved:
             setattr(p.owner, p.name, original)
         torch.cuda._hetero_parallel_cpu_compat = False
-
-
-def check_supported(
-    *,
-    context_parallel_size: int = 1,
-    sequence_parallel: bool = False,
-    use_distributed_optimizer: bool = False,
-    packed_sequences: bool = False,
-) -> None:
-    """Raise ``ValueError`` for features that cannot run on CPU, naming the setting and the fix.
-
-    Call it with the run's settings before building anything; it is a no-op on a CUDA machine.
-    """
-    if torch.cuda.is_available():
-        return
-    problems = []
-    if context_parallel_size != 1:
-        problems.append(
-            f"context_parallel_size={context_parallel_size}: context-parallel attention needs "
-            "TransformerEngine on a GPU (use cp=1 on CPU)"
-        )
-    if sequence_parallel:
-        problems.append("sequence_parallel=True needs a GPU (set it to False on CPU)")
-    if use_distributed_optimizer:
-        problems.append(
-            "use_distributed_optimizer=True: megatron's distributed optimizer checks for "
-            "'torch.cuda.FloatTensor' and cannot run on CPU (use the standard optimizer)"
-        )
-    if packed_sequences:
-        problems.append("packed THD sequences need TransformerEngine attention on a GPU")
-    if problems:
-        raise ValueError("not supported on CPU: " + "; ".join(problems))

@@ -19,11 +19,17 @@ Terms:
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 LLM_DIMS: tuple[str, ...] = ("tp", "cp", "dp", "pp")
 DEFAULT_ORDER = "tp-cp-ep-dp-pp"
 """megatron-core's default rank order (``ep`` has size 1 here: dense LLMs)."""
+ORDER_NAMES: tuple[str, ...] = ("tp", "cp", "ep", "dp", "pp")
+"""The names megatron-core's ``RankGenerator`` knows in an ``order``."""
+_PREVIEW = 8
+"""At most this many offending values are quoted in an error message."""
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,12 @@ class ParallelPlan:
     """Sizes and placement of a heterogeneous ViT + LLM job.
 
     Invariants (checked in ``__post_init__``, ``ValueError`` with the numbers otherwise):
-    ``tp * cp * pp`` divides ``world_size``; ``dp = world_size // (tp * cp * pp)``;
-    ``vpp`` needs ``pp > 1``; ``vit_ranks`` is a non-empty, strictly increasing tuple of ranks in
-    ``[0, world_size)``; ``order`` names ``tp``, ``cp``, ``dp`` and ``pp`` once each (``ep`` may
-    appear and is ignored: size 1).
+    sizes are integers >= 1 (Python or numpy, not bool; stored as ``int``); ``tp * cp * pp``
+    divides ``world_size``; ``dp = world_size // (tp * cp * pp)``; ``vpp`` needs ``pp > 1``;
+    ``sequence_parallel`` needs ``tp > 1``; ``vit_ranks`` is a non-empty, strictly increasing
+    sequence of integer ranks in ``[0, world_size)`` (stored as a tuple of ``int``); ``order`` is
+    one that megatron-core 0.16's ``initialize_model_parallel`` accepts for these sizes (see
+    `megatron_dims`), so an impossible order fails here, before any process group exists.
     """
 
     world_size: int
@@ -75,17 +83,19 @@ class ParallelPlan:
     """LLM context-parallel size."""
     vpp: int | None = None
     """Virtual pipeline stages per rank (interleaved 1F1B), or None."""
+    sequence_parallel: bool = False
+    """megatron's sequence parallelism: activations outside attention and MLP are split along the
+    sequence over the TP group (needs ``tp > 1``, as megatron-core requires)."""
     order: str = DEFAULT_ORDER
-    """megatron-core rank order, fastest-varying dimension first."""
+    """megatron-core rank order, fastest-varying dimension first, passed to megatron unchanged;
+    dimensions of size 1 may be left out where megatron allows it."""
     vit_ranks: tuple[int, ...] | None = None
     """Ranks that host a ViT replica; None means every rank."""
     _dims: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("world_size", "tp", "pp", "cp"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
         model = self.tp * self.cp * self.pp
         if self.world_size % model != 0:
             raise ValueError(
@@ -93,28 +103,26 @@ class ParallelPlan:
                 f"does not divide world_size({self.world_size})"
             )
         if self.vpp is not None:
-            if not isinstance(self.vpp, int) or self.vpp < 1:
-                raise ValueError(f"vpp must be None or a positive integer, got {self.vpp!r}")
+            object.__setattr__(self, "vpp", _positive_int("vpp", self.vpp, "None or "))
             if self.pp == 1:
                 raise ValueError(
                     f"vpp({self.vpp}) needs pipeline parallelism, but pp is 1 "
                     "(interleaving needs pp > 1)"
                 )
-        object.__setattr__(self, "_dims", _parse_order(self.order))
+        if not isinstance(self.sequence_parallel, bool):
+            raise ValueError(f"sequence_parallel must be a bool, got {self.sequence_parallel!r}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError(
+                "sequence_parallel=True needs tensor parallelism, but tp is 1 (megatron-core "
+                "splits the sequence over the TP group and refuses it with tp == 1)"
+            )
+        object.__setattr__(
+            self, "_dims", megatron_dims(self.order, tp=self.tp, cp=self.cp, dp=self.dp, pp=self.pp)
+        )
         if self.vit_ranks is None:
             object.__setattr__(self, "vit_ranks", tuple(range(self.world_size)))
         else:
-            ranks = tuple(self.vit_ranks)
-            if not ranks:
-                raise ValueError("vit_ranks is empty: at least one rank must host a ViT replica")
-            bad = [r for r in ranks if not 0 <= r < self.world_size]
-            if bad:
-                raise ValueError(
-                    f"vit_ranks {bad} are outside [0, world_size({self.world_size}))"
-                )
-            if any(b <= a for a, b in zip(ranks, ranks[1:], strict=False)):
-                raise ValueError(f"vit_ranks must be strictly increasing, got {ranks}")
-            object.__setattr__(self, "vit_ranks", ranks)
+            object.__setattr__(self, "vit_ranks", _check_vit_ranks(self.vit_ranks, self.world_size))
 
     # ---- sizes ---------------------------------------------------------------------------------
 
@@ -122,6 +130,29 @@ class ParallelPlan:
     def dp(self) -> int:
         """LLM data-parallel size (number of LLM replicas)."""
         return self.world_size // (self.tp * self.cp * self.pp)
+
+    @property
+    def seq_len_divisor(self) -> int:
+        """What every LLM micro-batch sequence length must be divisible by (pad up to it).
+
+        ``(tp if sequence_parallel else 1) * (2 * cp if cp > 1 else 1)``. Context parallelism
+        cuts the sequence into ``2 * cp`` equal chunks and gives CP rank ``r`` chunks ``r`` and
+        ``2 * cp - 1 - r``, so every rank gets the same share of causal-attention work (megatron's
+        load-balanced split); sequence parallelism scatters the sequence over the ``tp`` ranks of
+        the TP group, and with CP each of the ``2 * cp`` chunks is split so. Without either the
+        length is free (1). megatron-core's own multimodal models pad to the same factor
+        (``models.multimodal.context_parallel.get_padding``). This is the one home of the padding
+        rule: the loader, the routing and the trainer read it from here.
+        """
+        return (self.tp if self.sequence_parallel else 1) * (2 * self.cp if self.cp > 1 else 1)
+
+    @property
+    def sample_len_divisor(self) -> int:
+        """What every sample's span in a packed (THD) micro-batch must be divisible by:
+        ``2 * cp if cp > 1 else 1``. With packing, CP splits each sample (not the row) into
+        ``2 * cp`` chunks (TransformerEngine's THD layout); the packed row as a whole still
+        follows `seq_len_divisor`."""
+        return 2 * self.cp if self.cp > 1 else 1
 
     @property
     def vit_dp(self) -> int:
@@ -261,19 +292,165 @@ class ParallelPlan:
     def describe(self) -> str:
         vit = "all ranks" if self.vit_dp == self.world_size else f"{self.vit_dp} ranks"
         vpp = f", vpp={self.vpp}" if self.vpp else ""
+        sp = (f", sequence parallel (sequence lengths padded to a multiple of "
+              f"{self.seq_len_divisor})" if self.sequence_parallel else "")
         return (
-            f"world={self.world_size}: LLM tp={self.tp} cp={self.cp} pp={self.pp}{vpp} "
+            f"world={self.world_size}: LLM tp={self.tp} cp={self.cp} pp={self.pp}{vpp}{sp} "
             f"dp={self.dp} (order {self.order}); ViT dp={self.vit_dp} on {vit}"
         )
 
 
-def _parse_order(order: str) -> tuple[str, ...]:
-    names = [t for t in order.lower().split("-") if t != "ep"]
-    if sorted(names) != sorted(LLM_DIMS):
+def megatron_dims(order: str, *, tp: int, cp: int, dp: int, pp: int) -> tuple[str, ...]:
+    """The LLM dimensions, fastest-varying first, as megatron-core 0.16 lays out ranks for
+    ``order`` and these sizes; ``ValueError`` (naming the order and the sizes) exactly where
+    ``initialize_model_parallel`` would refuse them.
+
+    megatron's rules, from ``parallel_state.RankGenerator``, ``generate_masked_orthogonal_rank_
+    groups`` and ``initialize_model_parallel``:
+
+    - ``order.lower()`` is split on ``-``; every part must be one of `ORDER_NAMES`.
+    - megatron lays out ranks twice with the same order: the dense layout (sizes tp, cp, dp, pp)
+      and an expert layout with ``cp`` folded into ``dp`` (sizes tp, 1, dp * cp, pp). In both, a
+      dimension of size > 1 must be named (one left out is appended, harmless only at size 1).
+    - A dimension's first mention sets its place. A repeated mention of a dimension of size > 1
+      multiplies the strides of everything named after it, which runs ranks past the world unless
+      every dimension of size > 1 was already named before the repeat.
+    - With ``cp > 1`` and ``pp > 1`` the order must end in ``pp`` (the string as given,
+      case-sensitively) and the two layouts must give the same pipeline groups.
+    """
+    sizes = f"tp={tp}, cp={cp}, dp={dp}, pp={pp}"
+    if not isinstance(order, str):
         raise ValueError(
-            f"order {order!r} must name each of {LLM_DIMS} exactly once (and optionally 'ep')"
+            f"order must be a str such as {DEFAULT_ORDER!r}, got {order!r} (sizes {sizes})"
         )
-    return tuple(names)
+    names = order.lower().split("-")
+    unknown = sorted({n for n in names if n not in ORDER_NAMES})
+    if unknown:
+        raise ValueError(
+            f"order {order!r} has unknown part(s) {unknown}: use {', '.join(ORDER_NAMES)} "
+            f"joined by '-' (sizes {sizes})"
+        )
+    dense = {"tp": tp, "cp": cp, "dp": dp, "pp": pp}
+    expert = {"tp": tp, "cp": 1, "dp": dp * cp, "pp": pp}
+    for layout in (dense, expert):
+        big = [n for n in LLM_DIMS if layout[n] > 1]
+        for name in big:
+            if name not in names:
+                why = (f"dp({dp}) * cp({cp}) = {dp * cp} > 1 (megatron-core's expert layout "
+                       "folds cp into dp)" if layout is expert else f"{name}({layout[name]}) > 1")
+                raise ValueError(
+                    f"order {order!r} leaves out {name}, but {why}; only dimensions of size 1 "
+                    f"may be left out (sizes {sizes})"
+                )
+        last_named = max((names.index(n) for n in big), default=-1)
+        for name in big:
+            again = names.index(name, names.index(name) + 1) if names.count(name) > 1 else None
+            if again is not None and again < last_named:
+                raise ValueError(
+                    f"order {order!r} repeats {name} before it names {names[last_named]}: with "
+                    f"{name} of size > 1 megatron-core then computes ranks past world_size("
+                    f"{tp * cp * dp * pp}); name each dimension once (sizes {sizes})"
+                )
+    if cp > 1 and pp > 1:
+        if not order.endswith("pp"):
+            case = (" (megatron-core compares case-sensitively: write it in lower case)"
+                    if order.lower().endswith("pp") else "")
+            raise ValueError(
+                f"order {order!r} must end in 'pp' when cp({cp}) > 1 and pp({pp}) > 1{case}: "
+                "megatron-core's initialize_model_parallel refuses other orders there (its "
+                f"expert layout folds cp into dp and must keep the pipeline groups) (sizes {sizes})"
+            )
+        # pp mentioned after every other dimension of size > 1: the same groups, no need to list
+        # them; otherwise (a repeated pp) compare the two layouts' groups as megatron does.
+        first = {n: names.index(n) for n in LLM_DIMS if n in names}
+        pp_last = all(first["pp"] > first[n] for n in ("tp", "cp", "dp")
+                      if max(dense[n], expert[n]) > 1)
+        if not pp_last and _pp_groups(names, dense) != _pp_groups(names, expert):
+            raise ValueError(
+                f"order {order!r} places pp before cp or dp (its first mention counts), so "
+                "megatron-core's dense and expert layouts disagree on the pipeline groups and "
+                f"initialize_model_parallel refuses it; name pp once, last (sizes {sizes})"
+            )
+    return _first_mentions(names)
+
+
+def _first_mentions(names: list[str]) -> tuple[str, ...]:
+    """The LLM dimensions by first mention in ``names``; unnamed ones (size 1) last."""
+    first = {n: names.index(n) if n in names else len(names) for n in LLM_DIMS}
+    return tuple(sorted(LLM_DIMS, key=lambda n: (first[n], ORDER_NAMES.index(n))))
+
+
+def _pp_groups(names: list[str], size: dict[str, int]) -> list[list[int]]:
+    """megatron's pipeline groups, in its creation order, for a layout (O(world); only needed
+    for the rare order that repeats ``pp``)."""
+    dims = _first_mentions(names)
+    strides, stride = {}, 1
+    for d in dims:
+        strides[d] = stride
+        stride *= size[d]
+    others = [d for d in dims if d != "pp"]
+    groups = []
+    for g in range(stride // size["pp"]):
+        base, rest = 0, g
+        for d in others:
+            base += (rest % size[d]) * strides[d]
+            rest //= size[d]
+        groups.append([base + k * strides["pp"] for k in range(size["pp"])])
+    return groups
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value: object, allowed: str = "") -> int:
+    if not _is_integer(value) or value < 1:
+        raise ValueError(f"{name} must be {allowed}a positive integer, got {value!r}")
+    return int(value)
+
+
+def _preview(values: Sequence[object]) -> str:
+    head = ", ".join(repr(v) for v in values[:_PREVIEW])
+    more = f", ... ({len(values)} in all)" if len(values) > _PREVIEW else ""
+    return f"[{head}{more}]"
+
+
+def _check_vit_ranks(vit_ranks: object, world_size: int) -> tuple[int, ...]:
+    """``vit_ranks`` as a tuple of ``int``, or ``ValueError`` naming the bad values (at most
+    `_PREVIEW` of them, so 100,000 ranks never make a giant message)."""
+    if isinstance(vit_ranks, str | bytes) or not isinstance(vit_ranks, Sequence | range) \
+            and not hasattr(vit_ranks, "__array__"):
+        raise ValueError(
+            f"vit_ranks must be a sequence of integer ranks or None, got {vit_ranks!r:.80}"
+        )
+    # numpy arrays: their Python values, in one fast call
+    ranks = tuple(vit_ranks.tolist() if hasattr(vit_ranks, "tolist") else vit_ranks)
+    if not ranks:
+        raise ValueError("vit_ranks is empty: at least one rank must host a ViT replica")
+    bad = [r for r in ranks if not _is_integer(r)]
+    if bad:
+        raise ValueError(f"vit_ranks must be integer ranks; {len(bad)} value(s) are not: "
+                         f"{_preview(bad)}")
+    ranks = tuple(map(int, ranks))
+    outside = [r for r in ranks if not 0 <= r < world_size]
+    if outside:
+        raise ValueError(
+            f"vit_ranks {_preview(outside)} are outside [0, world_size({world_size}))"
+        )
+    if len(set(ranks)) != len(ranks):
+        seen: set[int] = set()
+        dups = sorted({r for r in ranks if r in seen or seen.add(r)})
+        raise ValueError(
+            f"vit_ranks has duplicate ranks {_preview(dups)} ({len(ranks) - len(seen)} "
+            f"duplicate entries among {len(ranks)}); each rank hosts at most one ViT replica"
+        )
+    for i, (a, b) in enumerate(zip(ranks, ranks[1:], strict=False)):
+        if b < a:
+            raise ValueError(
+                f"vit_ranks must be strictly increasing: vit_ranks[{i}] = {a} is followed by "
+                f"{b} ({len(ranks)} ranks; sort them)"
+            )
+    return ranks
 
 
 def _parse_dims(dims: str) -> tuple[str, ...]:

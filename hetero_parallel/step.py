@@ -29,21 +29,10 @@ import torch.distributed as dist
 from torch import nn
 
 from hetero_parallel.groups import ParallelGroups
-from hetero_parallel.routing import RoutingTable, route
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """One LLM micro-batch of this replica, padded: every tensor is ``[b, S]``.
-
-    ``input_ids`` hold a placeholder at visual slots (their embedding is replaced); ``loss_mask``
-    is 0 at visual slots, padding and anything else that carries no loss.
-    """
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    loss_mask: torch.Tensor
-    position_ids: torch.Tensor
+from hetero_parallel.layout import MicroBatch, MicroBatchShape, microbatch_on_cp_rank
+from hetero_parallel.routing import route
+from hetero_parallel.routing_table import RoutingTable
+from hetero_parallel.step_plan import StepPlan
 
 
 @dataclass(frozen=True)
@@ -85,20 +74,27 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def _lm_forward_step_with_visual(microbatches: Sequence[MicroBatch], table: RoutingTable | None,
-                                 visual_slots: Sequence[torch.Tensor]) -> Callable:
+def _lm_forward_step_with_visual(microbatches: Sequence[MicroBatch],
+                                 shapes: Sequence[MicroBatchShape], table: RoutingTable | None,
+                                 visual_slots: Sequence[torch.Tensor], device) -> Callable:
     """megatron ``forward_step_func``; the iterator yields micro-batch indices."""
 
     def forward_step(data_iterator, model):
         j = next(data_iterator)
+        packed = _packed_seq_params(shapes[j], device)
         if not microbatches:
             # A middle pipeline stage: its input arrives from the previous stage.
-            return model(None, None, None), None
+            return model(None, None, None, packed_seq_params=packed), None
         mb = microbatches[j]
         gpt = _unwrap(model)
         decoder_input = None
         if gpt.pre_process:
-            decoder_input = gpt.embedding(input_ids=mb.input_ids, position_ids=mb.position_ids)
+            # Rotary positions (1D or multimodal) stay whole under CP: megatron picks this rank's
+            # part of the rotary embedding itself; only a learned position embedding reads them
+            # here, and it needs them to match the local tokens.
+            local_positions = mb.position_ids if mb.position_ids.shape == mb.input_ids.shape \
+                else None
+            decoder_input = gpt.embedding(input_ids=mb.input_ids, position_ids=local_positions)
             if not decoder_input.requires_grad:
                 # A frozen LLM (alignment stage) still has to pass gradients through to the
                 # visual tokens, and megatron's backward needs an output that requires grad.
@@ -110,7 +106,7 @@ def _lm_forward_step_with_visual(microbatches: Sequence[MicroBatch], table: Rout
                 decoder_input = decoder_input.index_put(  # [S, b, H]
                     (positions, rows), visual_slots[j].to(decoder_input.dtype))
         output = model(mb.input_ids, mb.position_ids, None, decoder_input=decoder_input,
-                       labels=mb.labels)
+                       labels=mb.labels, packed_seq_params=packed)
 
         def loss_func(per_token_loss):
             mask = mb.loss_mask.to(per_token_loss.dtype)
@@ -124,33 +120,55 @@ def _lm_forward_step_with_visual(microbatches: Sequence[MicroBatch], table: Rout
     return forward_step
 
 
+def _packed_seq_params(shape: MicroBatchShape, device):
+    """megatron's ``PackedSeqParams`` of a packed micro-batch (None when padded); every pipeline
+    stage builds them from the step plan, so no stage needs the tokens for them."""
+    if not shape.packed:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu, cu_padded = (t.to(device) for t in shape.cu_seqlens())
+    longest = max(shape.packed_lengths)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
 def hetero_train_step(
     *,
     groups: ParallelGroups,
-    table: RoutingTable,
+    step: StepPlan,
     vision: nn.Module | None,
     vision_frames: Sequence[torch.Tensor],
     llm: list[nn.Module],
     microbatches: Sequence[MicroBatch] | None,
     total_loss_tokens: int,
-    hidden_size: int,
     options: StepOptions = StepOptions(),
 ) -> StepOutput:
     """Run one step's forward and backward; gradients end up in the ViT and megatron buffers.
 
-    ``vision`` is this rank's ViT replica (None if it hosts none) and ``vision_frames`` the frames
-    of its chunks in ``BatchPlan.chunks_for_vit_rank`` order. ``llm`` is this rank's list of
-    megatron DDP model chunks; ``microbatches`` this replica's micro-batches in pipeline order
-    (needed on the first and last stage, None elsewhere). The LLM's `TransformerConfig` must have
+    ``step`` is this rank's `StepPlan` (its routing table and micro-batch shapes). ``vision`` is
+    this rank's ViT replica (None if it hosts none) and ``vision_frames`` the frames of its chunks
+    in ``BatchPlan.chunks_for_vit_rank`` order; the ViT maps them to ``[tokens, hidden]`` rows.
+    ``llm`` is this rank's list of megatron model chunks (DDP-wrapped when they train);
+    ``microbatches`` this replica's micro-batches in pipeline order (needed on the first and last
+    stage, None elsewhere). The LLM's `TransformerConfig` must have
     ``calculate_per_token_loss=True`` and ``variable_seq_lengths=True``. As with megatron, the
-    caller zeroes the gradients (ViT ``.grad``, megatron's grad buffers) before the step.
+    caller zeroes the gradients (ViT ``.grad``, megatron's grad buffers) before the step. A batch
+    without any visual token (text only, or every media sample skipped) is fine: the ViT then gets
+    zero gradients.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
     plan, rank = groups.plan, groups.rank
+    if step.rank != rank or step.plan != plan:
+        raise ValueError(f"the step plan is for rank {step.rank} of {step.plan.describe()}, this "
+                         f"is rank {rank} of {plan.describe()}")
+    table = step.table
     config = get_model_config(llm[0])
+    hidden_size = config.hidden_size
     if not config.calculate_per_token_loss or not config.variable_seq_lengths:
         raise ValueError("hetero_train_step needs a TransformerConfig with "
                          "calculate_per_token_loss=True and variable_seq_lengths=True, got "
@@ -177,12 +195,16 @@ def hetero_train_step(
             slots[offsets[j]:offsets[j + 1]].detach().requires_grad_(True) for j in range(num_mb)
         ]
 
-    # 3. LLM pipeline
+    # 3. LLM pipeline, on this CP rank's share of each micro-batch
+    c = plan.coords(rank)
+    local = [microbatch_on_cp_rank(mb, shape, plan.cp, c.cp)
+             for mb, shape in zip(microbatches or [], step.shapes, strict=False)]
     with timer("llm"):
-        forward_step = _lm_forward_step_with_visual(microbatches or [], table, slot_leaves)
+        forward_step = _lm_forward_step_with_visual(local, step.shapes, table, slot_leaves,
+                                                    device)
         iterators = [iter(range(num_mb)) for _ in llm]
-        lengths = [mb.input_ids.shape[1] for mb in microbatches or []]
-        sizes = [mb.input_ids.shape[0] for mb in microbatches or []]
+        lengths = [mb.input_ids.shape[1] for mb in local]
+        sizes = [mb.input_ids.shape[0] for mb in local]
         losses = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators if len(llm) > 1 else iterators[0],
@@ -207,8 +229,9 @@ def hetero_train_step(
         if vit_params:
             if options.recompute_vit:
                 vit_out = vision(list(vision_frames))
-            grad = vit_leaf.grad if vit_leaf.grad is not None else torch.zeros_like(vit_leaf)
-            vit_out.backward(grad)
+            # No visual token in this rank's share (or none at all): nothing to differentiate.
+            if vit_out.requires_grad and vit_leaf.grad is not None:
+                vit_out.backward(vit_leaf.grad)
 
     # 6. ViT gradient reduction
     with timer("vit_grad_reduce"):
@@ -224,10 +247,10 @@ def hetero_train_step(
                             strict=True):
                 p.grad.copy_(g)
 
-    # The loss, summed over the last stage's TP-0/CP-0 ranks of every replica.
+    # The loss, summed over the last stage's TP-0 ranks of every replica (each CP rank holds the
+    # loss of its own share of the tokens).
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    c = plan.coords(rank)
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and c.tp == 0 and c.cp == 0:
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and c.tp == 0:
         for d in losses:
             totals += d["loss"].to(totals)
     dist.all_reduce(totals)
@@ -236,26 +259,3 @@ def hetero_train_step(
                            f"said {total_loss_tokens}")
     return StepOutput(loss=(totals[0] / totals[1]).item(), num_loss_tokens=total_loss_tokens,
                       timings=timer.timings)
-
-
-def make_microbatch(token_ids: Sequence[torch.Tensor], is_target: Sequence[torch.Tensor],
-                    seq_len: int, pad_id: int = 0) -> MicroBatch:
-    """Pad samples (in row order) to ``seq_len`` and derive next-token labels and the loss mask.
-
-    ``is_target[i][p]`` says whether token ``p`` of sample ``i`` is predicted (text: yes; visual
-    placeholders and markers: no); position ``p`` carries loss iff token ``p + 1`` is a target.
-    """
-    b = len(token_ids)
-    inputs = torch.full((b, seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((b, seq_len), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((b, seq_len), dtype=torch.float32)
-    for row, (ids, target) in enumerate(zip(token_ids, is_target, strict=True)):
-        n = ids.shape[0]
-        if n > seq_len:
-            raise ValueError(f"row {row} has {n} tokens, more than the micro-batch length "
-                             f"{seq_len}")
-        inputs[row, :n] = ids
-        labels[row, :n - 1] = ids[1:]
-        loss_mask[row, :n - 1] = target[1:].float()
-    positions = torch.arange(seq_len).expand(b, seq_len).contiguous()
-    return MicroBatch(inputs, labels, loss_mask, positions)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dataloader.index import collect_items, index_items
-from dataloader.manifest import Manifest, Record, Turn, load_manifest, write_jsonl
+from dataloader.manifest import Manifest, Record, Turn, open_manifest, write_jsonl
 
 WEIGHTS = {"video": 24, "image": 50, "text": 26}
 PLAN_TP2 = {"world_size": 4, "tp": 2}
@@ -124,12 +124,14 @@ def make_loader(manifest_path: str, plan_kwargs: dict, rank: int, *, seed: int =
                 client=None):
     from dataloader.loader import LoaderConfig, StepLoader
     from hetero_parallel.plan import ParallelPlan
+    from hetero_parallel.step_plan import StepConfig
 
     plan = ParallelPlan(**plan_kwargs)
     group = tp_cp_group(plan, rank) if plan.world_size > 1 else None
     config = LoaderConfig(global_batch_size=batch_size, seed=seed, weights=WEIGHTS,
-                          num_microbatches=2, frames_per_chunk=2, prefetch=prefetch)
-    return StepLoader(manifest or load_manifest(manifest_path), config, plan=plan, rank=rank,
+                          step=StepConfig(num_microbatches=2, frames_per_chunk=2),
+                          prefetch=prefetch)
+    return StepLoader(manifest or open_manifest(manifest_path), config, plan=plan, rank=rank,
                       cost_model=cost_model(), token_group=group, client=client)
 
 
@@ -144,7 +146,7 @@ def rank_steps(manifest_path: str, plan_kwargs: dict, steps: int, *, state: dict
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    manifest = load_manifest(manifest_path)
+    manifest = open_manifest(manifest_path)
     if good_only_folder is not None:
         manifest = good_only(manifest, Path(good_only_folder))
     client = None

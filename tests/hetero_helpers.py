@@ -1,6 +1,6 @@
 """A single-process reference for the heterogeneous step and the step itself on a `ParallelPlan`,
-on tiny Keye-like batches (`examples.keye_vl.toy_batch`: text, variable-size images, Slow-Fast
-videos)."""
+on tiny Keye-like batches (`hetero_parallel.synthetic`: text, variable-size images, Slow-Fast
+videos) with the tiny test models (`tests.tiny_models`)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from examples.keye_vl.config import MODELS
-from examples.keye_vl.llm import TINY, build_llm, gather_full_state, transformer_config
-from examples.keye_vl.toy_batch import ToySample, mixed_samples
-from examples.keye_vl.trainer import KeyeTrainer, OptimConfig, replica_microbatch_shapes
-from examples.keye_vl.vision import TINY_VISION, VisionEncoder
 from hetero_parallel import ParallelPlan, initialize, teardown
-from hetero_parallel.balancer import BatchPlan, plan_by_position, plan_global_batch
 from hetero_parallel.cost_model import CostModel
-from hetero_parallel.step import StepOptions, make_microbatch
+from hetero_parallel.layout import MicroBatch, make_microbatch
+from hetero_parallel.megatron_state import gather_full_state, load_full_state
+from hetero_parallel.step import StepOptions
+from hetero_parallel.step_plan import StepConfig, StepPlan, check_microbatches, plan_step
+from hetero_parallel.synthetic import PAD_VISUAL, ToySample, mixed_samples
+from hetero_parallel.trainer import HeteroTrainer, OptimizerConfig
+from tests.tiny_models import VOCAB, TinyVisionEncoder, build_gpt, build_gpt_chunks, gpt_config
 
 LR = 0.1
 COST = CostModel(vit_linear=1.0, vit_quadratic=0.01, llm_linear=1.0, llm_quadratic=0.001)
 
 
 def make_samples(seed: int, count: int = 12) -> list[ToySample]:
-    return mixed_samples(seed, count, TINY.vocab_size)
+    return mixed_samples(seed, count, VOCAB)
 
 
 def total_loss_tokens(samples: list[ToySample]) -> int:
@@ -38,25 +38,42 @@ class Result:
     after: dict[str, torch.Tensor]
 
 
-def reference(samples: list[ToySample], init_seed: int = 0) -> tuple[dict, Result]:
+def initial_weights(init_seed: int = 0) -> dict:
+    """``{"vision": state dict, "llm": single-model state}``; needs megatron's parallel state with
+    TP=1 (see `standalone_initial_weights`)."""
+    torch.manual_seed(init_seed)
+    vision = TinyVisionEncoder()
+    llm = build_gpt(gpt_config())
+    return {"vision": {k: v.clone() for k, v in vision.state_dict().items()},
+            "llm": {n: p.detach().clone() for n, p in llm.named_parameters()}}
+
+
+def standalone_initial_weights(init_seed: int = 0) -> dict:
+    """`initial_weights` before any layout is initialised (collective over the world)."""
+    groups = initialize(ParallelPlan(world_size=dist.get_world_size()), backend="gloo", seed=1)
+    try:
+        return initial_weights(init_seed)
+    finally:
+        teardown(groups)
+
+
+def reference(samples: list[ToySample], init_seed: int = 0, lr: float = LR
+              ) -> tuple[dict, Result]:
     """Single model (ViT + projector + TP=1/PP=1 LLM), whole batch, one SGD step, on this rank."""
     groups = initialize(ParallelPlan(world_size=dist.get_world_size()), backend="gloo", seed=1)
     try:
-        torch.manual_seed(init_seed)
-        vision = VisionEncoder(TINY_VISION)
-        llm = build_llm(TINY, transformer_config(TINY))
-        initial = {"vision": {k: v.clone() for k, v in vision.state_dict().items()},
-                   "llm": {n: p.detach().clone() for n, p in llm.named_parameters()}}
+        initial = initial_weights(init_seed)
+        vision = TinyVisionEncoder()
+        vision.load_state_dict(initial["vision"])
+        llm = build_gpt(gpt_config())
+        load_full_state([llm], initial["llm"])
         total = torch.zeros(())
         for s in samples:
             visual = vision([f for frames in s.frames for f in frames])
             ids = s.tokens[None, :]
             positions = torch.arange(ids.shape[1])[None, :]
             emb = llm.embedding(input_ids=ids, position_ids=positions)  # [S, 1, H]
-            slots = torch.tensor([p + t for poss, toks in zip(s.layout.frame_positions,
-                                                               s.layout.frame_tokens, strict=True)
-                                  for p, n in zip(poss, toks, strict=True) for t in range(n)],
-                                 dtype=torch.long)
+            slots = torch.from_numpy(s.layout.visual_positions())
             if slots.numel():
                 emb = emb.index_put((slots, torch.zeros_like(slots)), visual)
             labels = torch.cat([s.tokens[1:], s.tokens[:1]])[None, :]
@@ -69,7 +86,7 @@ def reference(samples: list[ToySample], init_seed: int = 0) -> tuple[dict, Resul
         grads = {f"vision.{k}": p.grad.clone() for k, p in vision.named_parameters()}
         grads |= {f"llm.{k}": p.grad.clone() for k, p in llm.named_parameters()}
         for p in list(vision.parameters()) + list(llm.parameters()):
-            p.data -= LR * p.grad
+            p.data -= lr * p.grad
         after = {f"vision.{k}": p.detach().clone() for k, p in vision.named_parameters()}
         after |= {f"llm.{k}": p.detach().clone() for k, p in llm.named_parameters()}
         return initial, Result(mean.item(), grads, after)
@@ -77,33 +94,66 @@ def reference(samples: list[ToySample], init_seed: int = 0) -> tuple[dict, Resul
         teardown(groups)
 
 
-def plan_batch(samples: list[ToySample], plan: ParallelPlan, num_microbatches: int,
-               baseline: bool = False) -> BatchPlan:
-    """Balanced plan, or with ``baseline`` the position split with the ViT on stage 0 (``plan``
-    must then be ``with_vit_on_first_stage()``)."""
-    specs = [s.layout.spec() for s in samples]
-    if baseline:
-        return plan_by_position(
-            specs, COST, num_replicas=plan.dp, num_microbatches=num_microbatches,
-            replica_vit_ranks=[plan.replica_vit_indices(d) for d in range(plan.dp)],
-            frames_per_chunk=2)
-    return plan_global_batch(specs, COST, num_replicas=plan.dp,
-                             num_microbatches=num_microbatches, num_vit_ranks=plan.vit_dp,
-                             frames_per_chunk=2)
+def step_config(num_microbatches: int, baseline: bool = False, *, packed: bool = True
+                ) -> StepConfig:
+    return StepConfig(num_microbatches=num_microbatches, frames_per_chunk=2,
+                      placement="by_position" if baseline else "balanced", packed=packed)
 
 
-def hetero_step(plan: ParallelPlan, samples: list[ToySample], initial: dict, batch: BatchPlan,
+@dataclass
+class ToyStep:
+    """A `hetero_parallel.trainer.StepInput` built from in-memory samples."""
+
+    plan: StepPlan
+    vision_frames: list[torch.Tensor]
+    microbatches: list[MicroBatch] | None
+    total_loss_tokens: int
+
+
+def toy_step(plan: ParallelPlan, rank: int, samples: list[ToySample], config: StepConfig,
+             ) -> ToyStep:
+    """What the dataloader would hand ``rank``: its step plan, ViT frames and micro-batches."""
+    step = plan_step(plan, rank, [s.layout for s in samples], COST, config)
+    by_id = {s.sample_id: s for s in samples}
+    frames: list[torch.Tensor] = []
+    vit_index = plan.vit_index(rank)
+    if vit_index is not None:
+        for ch in step.batch.chunks_for_vit_rank(vit_index):
+            frames.extend(by_id[ch.sample_id].frames[ch.media_index][ch.frame_start:ch.frame_stop])
+    microbatches = None
+    if plan.data_role(rank).needs_tokens:
+        microbatches = [
+            make_microbatch([by_id[s].tokens for s in mb.sample_ids],
+                            [by_id[s].is_target for s in mb.sample_ids], mb)
+            for mb in step.shapes
+        ]
+        check_microbatches(step, microbatches, {PAD_VISUAL})
+    return ToyStep(step, frames, microbatches, total_loss_tokens(samples))
+
+
+def build_trainer(groups, initial: dict, optim: OptimizerConfig | None = None,
+                  options: StepOptions | None = None) -> HeteroTrainer:
+    """The tiny model on ``groups.plan`` from ``initial`` weights, in a `HeteroTrainer`."""
+    plan = groups.plan
+    vision = None
+    if plan.vit_index(groups.rank) is not None:
+        vision = TinyVisionEncoder()
+        vision.load_state_dict(initial["vision"])
+    chunks = build_gpt_chunks(gpt_config(plan))
+    load_full_state(chunks, initial["llm"])
+    return HeteroTrainer(groups, vision=vision, llm_chunks=chunks,
+                         optim=optim or OptimizerConfig(optimizer="sgd", lr=LR),
+                         step_options=options)
+
+
+def hetero_step(plan: ParallelPlan, samples: list[ToySample], initial: dict, config: StepConfig,
                 options: StepOptions | None = None) -> tuple[Result, dict[str, float]]:
-    """One SGD step of the heterogeneous placement through `KeyeTrainer`; gathers this rank's
+    """One SGD step of the heterogeneous placement through `HeteroTrainer`; gathers this rank's
     view of the gradients and weights (LLM unsharded over TP, ViT if it hosts a replica)."""
     groups = initialize(plan, backend="gloo", seed=1)
     try:
-        trainer = KeyeTrainer.build(groups, MODELS["tiny"], initial_state=initial,
-                                    optim=OptimConfig(optimizer="sgd", lr=LR))
-        layouts = {s.sample_id: s.layout for s in samples}
-        frames, microbatches = step_inputs(groups, samples, batch)
-        out = trainer.step(batch, layouts, frames, microbatches, total_loss_tokens(samples),
-                           options)
+        trainer = build_trainer(groups, initial, options=options)
+        out = trainer.step(toy_step(plan, groups.rank, samples, config))
         llm = trainer.llm
         grads = {f"llm.{k}": v for k, v in gather_full_state(llm, grads=True).items()}
         after = {f"llm.{k}": v for k, v in gather_full_state(llm).items()}
@@ -114,23 +164,3 @@ def hetero_step(plan: ParallelPlan, samples: list[ToySample], initial: dict, bat
         return Result(out.loss, grads, after), out.timings
     finally:
         teardown(groups)
-
-
-def step_inputs(groups, samples: list[ToySample], batch: BatchPlan):
-    """What the dataloader would hand this rank: its ViT frames and its replica's micro-batches."""
-    plan, rank = groups.plan, groups.rank
-    by_id = {s.sample_id: s for s in samples}
-    frames: list[torch.Tensor] = []
-    vit_index = plan.vit_index(rank)
-    if vit_index is not None:
-        for ch in batch.chunks_for_vit_rank(vit_index):
-            frames.extend(by_id[ch.sample_id].frames[ch.media_index][ch.frame_start:ch.frame_stop])
-    microbatches = None
-    if plan.data_role(rank).needs_tokens:
-        layouts = {s.sample_id: s.layout for s in samples}
-        microbatches = [
-            make_microbatch([by_id[s].tokens for s in mb.sample_ids],
-                            [by_id[s].is_target for s in mb.sample_ids], mb.seq_len)
-            for mb in replica_microbatch_shapes(groups, batch, layouts)
-        ]
-    return frames, microbatches

@@ -11,17 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from examples.keye_vl.llm import (
-    TINY,
-    LLMShape,
-    build_llm,
-    build_llm_chunks,
-    gather_full_state,
-    lm_forward_step,
-    load_full_state,
-    transformer_config,
-)
 from hetero_parallel import ParallelPlan, initialize, teardown
+from hetero_parallel.megatron_state import gather_full_state, load_full_state
+from tests.tiny_models import VOCAB, build_gpt, build_gpt_chunks, gpt_config
 
 SEQ = 32
 GLOBAL_BATCH = 8
@@ -30,10 +22,30 @@ LR = 0.1
 MOMENTUM = 0.9
 
 
-def global_batch(seed: int, shape: LLMShape = TINY) -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, shape.vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def mean_loss_config(plan: ParallelPlan | None = None):
+    """The tiny GPT with megatron's usual per-micro-batch mean loss (plain megatron schedules, not
+    the heterogeneous step's per-token loss)."""
+    return gpt_config(plan, calculate_per_token_loss=False, variable_seq_lengths=False)
+
+
+def lm_forward_step(data_iterator, model):
+    """megatron ``forward_step_func``: next-token prediction with a mean token loss."""
+    inputs, labels = next(data_iterator)
+    position_ids = torch.arange(inputs.shape[1]).expand_as(inputs)
+    output = model(inputs, position_ids, None, labels=labels)
+
+    def loss_func(per_token_loss):
+        loss = per_token_loss.float().mean()
+        # Cloned: the schedule divides the returned loss in place by the micro-batch count.
+        return loss, {"loss": loss.detach().clone()}
+
+    return output, loss_func
 
 
 def _optimizer_config():
@@ -55,7 +67,7 @@ class Reference:
     after_step: dict[str, torch.Tensor]
 
 
-def single_model_reference(batch, shape: LLMShape = TINY, init_seed: int = 0) -> Reference:
+def single_model_reference(batch, init_seed: int = 0) -> Reference:
     """TP=1, PP=1 model on the whole batch, one SGD step: computed locally on this rank.
 
     Builds its own megatron state (tp=pp=1) and tears it down again.
@@ -63,7 +75,7 @@ def single_model_reference(batch, shape: LLMShape = TINY, init_seed: int = 0) ->
     groups = initialize(ParallelPlan(world_size=dist.get_world_size()), backend="gloo", seed=1)
     try:
         torch.manual_seed(init_seed)
-        model = build_llm(shape, transformer_config(shape))
+        model = build_gpt(mean_loss_config())
         initial = {n: p.detach().clone() for n, p in model.named_parameters()}
         inputs, labels = batch
         position_ids = torch.arange(inputs.shape[1]).expand_as(inputs)
@@ -87,7 +99,6 @@ class StepResult:
 
 def megatron_train_step(
     plan: ParallelPlan, batch, initial: dict[str, torch.Tensor], *, num_microbatches: int,
-    shape: LLMShape = TINY,
 ) -> StepResult:
     """One training step of ``initial`` on ``batch`` with megatron's schedule, DDP and optimizer.
 
@@ -106,10 +117,8 @@ def megatron_train_step(
 
     groups = initialize(plan, backend="gloo", seed=1)
     try:
-        config = transformer_config(
-            shape, tensor_parallel=plan.tp, pipeline_parallel=plan.pp, virtual_pipeline=plan.vpp
-        )
-        chunks = build_llm_chunks(shape, config)
+        config = mean_loss_config(plan)
+        chunks = build_gpt_chunks(config)
         load_full_state(chunks, initial)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False

@@ -173,11 +173,15 @@ def test_constraints_hold_and_plan_matches_reference(samples, replicas, microbat
     try:
         want = reference_llm_placement(samples, FLOPS, replicas, microbatches, cap, equal)
     except ValueError:
-        with pytest.raises(ValueError, match="greedy placement found no"):
-            plan_global_batch(samples, FLOPS, **kwargs)
+        want = None  # the greedy finds no room: the fallback places it or refuses with reasons
+    try:
+        plan = plan_global_batch(samples, FLOPS, **kwargs)
+    except ValueError as exc:
+        assert want is None, exc
+        assert "no placement exists" in str(exc) or "gave up" in str(exc), exc
         return
-    plan = plan_global_batch(samples, FLOPS, **kwargs)
-    assert partition_of(plan) == want
+    if want is not None:
+        assert partition_of(plan) == want  # when the greedy succeeds, its plan is kept
 
     tokens = {s.sample_id: s.num_tokens for s in samples}
     placed = []
@@ -254,7 +258,8 @@ def test_constraints_hold_and_plan_matches_reference(samples, replicas, microbat
 
 def test_token_cap_fallback_matches_reference(monkeypatch):
     # Samples close to the cap make the fast path (replica by total room, then micro-batches)
-    # fail; the joint fallback must then match the reference exactly, or both must give up.
+    # fail; the joint greedy must then match the reference exactly (the same greedy), and where
+    # both are stuck the search takes over.
     import hetero_parallel.balancer as balancer
 
     calls = []
@@ -270,20 +275,29 @@ def test_token_cap_fallback_matches_reference(monkeypatch):
             n -= n % replicas
         samples = [SampleSpec(i, rng.choice([100, 300, 400, 500, 600, 700, 900]))
                    for i in range(n)]
+        tokens = {s.sample_id: s.num_tokens for s in samples}
         cap = rng.choice([1000, 1200, 1500])
         kwargs = dict(num_replicas=replicas, num_microbatches=microbatches, num_vit_ranks=1,
                       max_tokens_per_microbatch=cap, equal_samples_per_replica=equal)
         try:
             want = reference_llm_placement(samples, SIMPLE, replicas, microbatches, cap, equal)
         except ValueError:
-            with pytest.raises(ValueError, match="greedy placement found no micro-batch"):
-                plan_global_batch(samples, SIMPLE, **kwargs)
-            outcomes.add("infeasible")
+            # The greedy is stuck; past it, tests/test_balancer_feasibility.py checks against
+            # brute force. Here: a valid plan or a reasoned refusal.
+            try:
+                plan = plan_global_batch(samples, SIMPLE, **kwargs)
+            except ValueError as exc:
+                assert "no placement exists" in str(exc), exc
+                outcomes.add("refused")
+                continue
+            assert all(sum(tokens[i] for i in mb) <= cap
+                       for mbs in plan.microbatches for mb in mbs)
+            outcomes.add("searched")
             continue
         before = len(calls)
         assert partition_of(plan_global_batch(samples, SIMPLE, **kwargs)) == want
         outcomes.add("fallback placed" if len(calls) > before else "fast placed")
-    assert outcomes == {"infeasible", "fallback placed", "fast placed"}
+    assert outcomes == {"refused", "searched", "fallback placed", "fast placed"}
 
 
 def test_microbatches_and_pipeline_order_by_hand():
@@ -357,8 +371,11 @@ def test_sample_over_the_cap_is_named():
 def test_infeasible_cap_is_a_clear_error():
     # 5 samples of 300 tokens, 2 micro-batches of at most 512 tokens: room for 2.
     samples = [SampleSpec(i, 300) for i in range(5)]
-    with pytest.raises(ValueError, match=r"300 tokens.*max_tokens_per_microbatch\(512\).*"
-                                         r"num_replicas\(1\) x num_microbatches\(2\)"):
+    with pytest.raises(ValueError, match=r"no placement exists for 5 samples \(1500 tokens, "
+                                         r"largest 300\) in num_replicas\(1\) x "
+                                         r"num_microbatches\(2\) micro-batches of at most "
+                                         r"max_tokens_per_microbatch\(512\) tokens: they need "
+                                         r"at least 5 micro-batches"):
         plan_global_batch(samples, SIMPLE, num_replicas=1, num_microbatches=2, num_vit_ranks=1,
                           max_tokens_per_microbatch=512)
 

@@ -21,6 +21,7 @@ from dataloader.loader import LoaderConfig, StepLoader
 from dataloader.manifest import Manifest, load_manifest
 from dataloader.state import IncompatibleStateError
 from hetero_parallel.plan import ParallelPlan
+from hetero_parallel.step_plan import StepConfig
 from tests.dataloader_helpers import (
     PLAN_TP2,
     WEIGHTS,
@@ -52,9 +53,9 @@ def reference(data):
     return rank_steps(data["manifest"], WORLD1, STEPS, prefetch=0)
 
 
-def _loader(manifest: Manifest, **overrides) -> StepLoader:
-    config = dict(global_batch_size=8, seed=7, weights=WEIGHTS, num_microbatches=2,
-                  frames_per_chunk=2, prefetch=0)
+def _loader(manifest: Manifest, *, num_microbatches: int = 2, **overrides) -> StepLoader:
+    config = dict(global_batch_size=8, seed=7, weights=WEIGHTS, prefetch=0,
+                  step=StepConfig(num_microbatches=num_microbatches, frames_per_chunk=2))
     config.update(overrides)
     return StepLoader(manifest, LoaderConfig(**config), plan=ParallelPlan(world_size=1), rank=0,
                       cost_model=cost_model())

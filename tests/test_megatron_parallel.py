@@ -13,6 +13,7 @@ import torch.distributed as dist
 from hetero_parallel import ParallelPlan, initialize, teardown
 from hetero_parallel.cpu_compat import cpu_compat
 from tests import megatron_helpers as H
+from tests.tiny_models import NUM_LAYERS
 
 RTOL = 1e-5
 
@@ -50,7 +51,7 @@ def _check(results: list[dict], plan_kwargs: dict) -> None:
         # Each rank holds exactly its pipeline stage's share of the layers.
         stage = plan.coords(rank).pp
         layers = {k.split(".")[2] for k in r["grad_err"] if k.startswith("decoder.layers.")}
-        assert len(layers) == H.TINY.num_layers // plan.pp, (rank, stage, layers)
+        assert len(layers) == NUM_LAYERS // plan.pp, (rank, stage, layers)
     # Together the ranks cover every parameter of the single model.
     assert sorted(covered) == results[0]["ref_names"]
 

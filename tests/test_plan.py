@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
 from hetero_parallel import ParallelPlan
@@ -35,6 +36,11 @@ LAYOUTS = list(_layouts())
 def test_every_group_matches_megatron_rank_generator(order):
     assert len(LAYOUTS) > 150
     for world, tp, cp, pp in LAYOUTS:
+        if cp > 1 and pp > 1 and not order.endswith("pp"):
+            # megatron's initialize_model_parallel refuses these (test_plan_orders.py).
+            with pytest.raises(ValueError, match="must end in 'pp'"):
+                ParallelPlan(world_size=world, tp=tp, cp=cp, pp=pp, order=order)
+            continue
         plan = ParallelPlan(world_size=world, tp=tp, cp=cp, pp=pp, order=order)
         for kind in GROUP_KINDS:
             expected = _megatron_groups(plan, kind)
@@ -123,10 +129,29 @@ def test_vit_placement():
         ({"world_size": 8, "tp": 0}, "tp must be a positive integer, got 0"),
         ({"world_size": -4}, "world_size must be a positive integer, got -4"),
         ({"world_size": 8, "pp": 1, "vpp": 2}, "vpp(2) needs pipeline parallelism, but pp is 1"),
-        ({"world_size": 8, "order": "tp-dp-pp"}, "order 'tp-dp-pp' must name each of"),
+        ({"world_size": 8, "cp": 2, "order": "tp-dp-pp"},
+         "order 'tp-dp-pp' leaves out cp, but cp(2) > 1"),
+        ({"world_size": 8, "pp": 2, "vpp": True},
+         "vpp must be None or a positive integer, got True"),
+        ({"world_size": 8, "tp": 2.0}, "tp must be a positive integer, got 2.0"),
+        ({"world_size": 8, "sequence_parallel": True},
+         "sequence_parallel=True needs tensor parallelism, but tp is 1"),
+        ({"world_size": 8, "tp": 2, "sequence_parallel": 1},
+         "sequence_parallel must be a bool, got 1"),
         ({"world_size": 4, "vit_ranks": (0, 4)}, "vit_ranks [4] are outside [0, world_size(4))"),
-        ({"world_size": 4, "vit_ranks": (2, 1)}, "vit_ranks must be strictly increasing"),
+        ({"world_size": 4, "vit_ranks": (2, 1)},
+         "vit_ranks must be strictly increasing: vit_ranks[0] = 2 is followed by 1"),
         ({"world_size": 4, "vit_ranks": ()}, "vit_ranks is empty"),
+        ({"world_size": 4, "vit_ranks": (0, 1.5, 3)},
+         "vit_ranks must be integer ranks; 1 value(s) are not: [1.5]"),
+        ({"world_size": 4, "vit_ranks": (0, True)},
+         "vit_ranks must be integer ranks; 1 value(s) are not: [True]"),
+        ({"world_size": 4, "vit_ranks": ("0", "1")},
+         "vit_ranks must be integer ranks; 2 value(s) are not: ['0', '1']"),
+        ({"world_size": 4, "vit_ranks": "01"}, "vit_ranks must be a sequence of integer ranks"),
+        ({"world_size": 4, "vit_ranks": {0, 1}}, "vit_ranks must be a sequence of integer ranks"),
+        ({"world_size": 4, "vit_ranks": (0, 2, 2, 3)},
+         "vit_ranks has duplicate ranks [2] (1 duplicate entries among 4)"),
     ],
 )
 def test_impossible_layouts_are_value_errors(kwargs, message):
@@ -143,3 +168,69 @@ def test_bad_queries_name_the_value():
         plan.rank_of(tp=2)
     with pytest.raises(ValueError, match="bad group dims 'tp-ep'"):
         plan.group(0, "tp-ep")
+
+
+def test_vit_rank_errors_stay_short_at_100k_ranks():
+    world = 100_000
+    ranks = list(range(world))
+    ranks[70_000] = 69_999  # one duplicate
+    with pytest.raises(ValueError) as excinfo:
+        ParallelPlan(world_size=world, vit_ranks=tuple(ranks))
+    message = str(excinfo.value)
+    assert "duplicate ranks [69999] (1 duplicate entries among 100000)" in message
+    assert len(message) < 300
+
+    cases = {
+        "outside": [r + 50_000 for r in range(world)],       # 50,000 out of range
+        "increasing": list(range(world))[::-1],               # sorted the wrong way
+        "integer": [r + 0.5 for r in range(world)],            # all fractional
+    }
+    for word, bad in cases.items():
+        with pytest.raises(ValueError) as excinfo:
+            ParallelPlan(world_size=world, vit_ranks=bad)
+        message = str(excinfo.value)
+        assert word in message and len(message) < 300, message
+    assert "(50000 in all)" in str(pytest.raises(
+        ValueError, ParallelPlan, world_size=world, vit_ranks=cases["outside"]).value)
+
+
+def test_numpy_integers_are_accepted_and_stored_as_int():
+    plan = ParallelPlan(world_size=np.int64(16), tp=np.int32(2), pp=np.int64(2), cp=np.uint8(2),
+                        vpp=np.int64(3), vit_ranks=np.arange(0, 16, 2))
+    plain = ParallelPlan(world_size=16, tp=2, pp=2, cp=2, vpp=3, vit_ranks=tuple(range(0, 16, 2)))
+    assert plan == plain
+    for name in ("world_size", "tp", "pp", "cp", "vpp"):
+        assert type(getattr(plan, name)) is int, name
+    assert all(type(r) is int for r in plan.vit_ranks)
+    assert plan.describe() == plain.describe()
+    assert ParallelPlan(world_size=4, vit_ranks=[np.int64(1), np.int16(3)]).vit_ranks == (1, 3)
+    with pytest.raises(ValueError, match=r"integer ranks; 2 value\(s\) are not"):
+        ParallelPlan(world_size=4, vit_ranks=np.array([True, False]))
+
+
+@pytest.mark.parametrize(("tp", "cp", "sequence_parallel", "divisor"), [
+    (1, 1, False, 1), (8, 1, False, 1), (8, 1, True, 8), (1, 2, False, 4), (1, 3, False, 6),
+    (4, 2, False, 4), (4, 2, True, 16), (2, 3, True, 12),
+])
+def test_seq_len_divisor_by_hand(tp, cp, sequence_parallel, divisor):
+    plan = ParallelPlan(world_size=tp * cp * 2, tp=tp, cp=cp,
+                        sequence_parallel=sequence_parallel)
+    assert plan.seq_len_divisor == divisor
+    assert ("sequence parallel" in plan.describe()) == sequence_parallel
+    if sequence_parallel:
+        assert f"multiple of {divisor}" in plan.describe()
+
+
+def test_seq_len_divisor_pads_as_megatron_multimodal_does():
+    # megatron-core's own padding rule for multimodal sequences under SP and CP: padding every
+    # length to a multiple of the divisor must give exactly megatron's padded length.
+    from megatron.core.models.multimodal.context_parallel import get_padding
+
+    for tp, cp, sp in itertools.product((1, 2, 4, 8), (1, 2, 3, 4), (False, True)):
+        if sp and tp == 1:
+            continue
+        plan = ParallelPlan(world_size=tp * cp, tp=tp, cp=cp, sequence_parallel=sp)
+        d = plan.seq_len_divisor
+        for length in range(1, 3 * d + 2):
+            ours = -(-length // d) * d
+            assert length + get_padding(length, cp, tp, sp) == ours, (tp, cp, sp, length)

@@ -1,7 +1,7 @@
-"""Keye-like samples held in memory: token ids, visual-slot layouts and random frames.
+"""Synthetic Keye-like samples held in memory: token ids, visual-slot layouts and random frames.
 
-Used by the exactness tests and the step benchmark, where real files would only add decoding
-time. Sequence format: ``BOS, [FRAME, slot x tokens] per frame per media, text...``; slots carry the
+For exactness tests and step benchmarks, where real files would only add decoding time. Sequence
+format: ``BOS, [FRAME, slot x tokens] per frame per media, text...``; slots carry the
 ``PAD_VISUAL`` placeholder and no loss. Everything is a pure function of the arguments.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hetero_parallel.routing import SampleLayout
+from hetero_parallel.layout import SampleLayout
 
 BOS, FRAME, PAD_VISUAL = 1, 2, 3
 FIRST_TEXT = 4

@@ -1,0 +1,128 @@
+"""This rank's megatron-core LLM chunks for a `ParallelPlan`, whatever the model.
+
+The model (its shapes, layer spec, position embedding) is the caller's; the layout is the plan's.
+`parallel_config_kwargs` gives the `TransformerConfig` arguments the layout decides, so a model
+builder never restates them, and `build_chunks` builds one chunk per virtual pipeline stage with
+the right ``pre_process`` / ``post_process`` flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hetero_parallel.plan import ParallelPlan
+
+
+def parallel_config_kwargs(plan: ParallelPlan) -> dict[str, Any]:
+    """`TransformerConfig` keyword arguments fixed by ``plan`` and by the heterogeneous step.
+
+    - the parallel sizes and sequence parallelism;
+    - ``calculate_per_token_loss`` and ``variable_seq_lengths`` (`hetero_train_step` needs both:
+      the loss is a mean over the global batch's tokens, and micro-batch lengths vary);
+    - with interleaving, megatron-LM's own p2p settings: batched p2p would post a stage's send to
+      the next and to the previous stage in one batch, and with ``pp == 2`` both go to the same
+      peer and are matched in posting order, so activations and gradients would swap;
+    - CPU initialisation when there is no CUDA (with `hetero_parallel.cpu_compat`).
+    """
+    kwargs: dict[str, Any] = {
+        "tensor_model_parallel_size": plan.tp,
+        "pipeline_model_parallel_size": plan.pp,
+        "virtual_pipeline_model_parallel_size": plan.vpp,
+        "context_parallel_size": plan.cp,
+        "sequence_parallel": plan.sequence_parallel,
+        "calculate_per_token_loss": True,
+        "variable_seq_lengths": True,
+        "use_cpu_initialization": not torch.cuda.is_available(),
+    }
+    if plan.vpp is not None:
+        kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+    return kwargs
+
+
+def build_chunks(config, make_chunk: Callable[..., nn.Module]) -> list[nn.Module]:
+    """This rank's model chunks: ``make_chunk(pre_process=, post_process=, vp_stage=)`` once per
+    virtual pipeline stage (once without interleaving).
+
+    Needs megatron's parallel state (``hetero_parallel.initialize``) to know the stage.
+    """
+    from megatron.core import parallel_state as ps
+
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp in range(vpp or 1):
+        vp_stage = vp if vpp else None
+        chunks.append(make_chunk(
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+        ))
+    return chunks
+
+
+def transformer_engine_available() -> bool:
+    """TransformerEngine importable and CUDA present (its attention kernels need a GPU)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gpt_layer_spec(config, *, vp_stage: int | None = None, qk_layernorm: bool = True,
+                   normalization: str = "RMSNorm", transformer_engine: bool | None = None):
+    """The decoder spec of this rank's chunk (``vp_stage``) for this machine.
+
+    With TransformerEngine on a GPU (default when available): megatron's TE layer spec,
+    unchanged. When CUDA is absent: megatron's local layer spec with its core attention and norms
+    replaced by `hetero_parallel.cpu_layers.CpuCoreAttention` / `CpuNorm` (packed sequences,
+    context and sequence parallelism work), as a block spec so that the final norm is `CpuNorm`
+    too. On a GPU without TE: the local spec, whose attention refuses CP and packing.
+    """
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if transformer_engine is None:
+        transformer_engine = transformer_engine_available()
+    if transformer_engine:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    if torch.cuda.is_available():
+        return spec
+    from hetero_parallel.cpu_layers import CpuCoreAttention, CpuNorm
+
+    def swap(node):
+        if isinstance(node, ModuleSpec):
+            return dataclasses.replace(node, submodules=swap(node.submodules))
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            changes = {}
+            for f in dataclasses.fields(node):
+                value = getattr(node, f.name)
+                if value is WrappedTorchNorm:
+                    changes[f.name] = CpuNorm
+                elif f.name == "core_attention":
+                    changes[f.name] = CpuCoreAttention
+                else:
+                    changes[f.name] = swap(value)
+            return dataclasses.replace(node, **changes)
+        return node
+
+    layer = swap(spec)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=CpuNorm)

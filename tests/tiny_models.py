@@ -1,0 +1,90 @@
+"""Tiny models for the library's tests (no example code): a frame encoder and a megatron GPT.
+
+`TinyVisionEncoder` maps uint8 ``[h, w, 3]`` frames (sides multiples of 28 px) to one row per
+28-px cell, row-major, as a ViT + 2x2-merge projector does: a cell embedding and one
+self-attention block inside each frame (``vit``), then an MLP (``projector``). `build_gpt_chunks`
+builds this rank's chunks of a small megatron-core ``GPTModel`` (RMSNorm, QK-norm, SwiGLU, GQA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero_parallel.llm_chunks import build_chunks, gpt_layer_spec, parallel_config_kwargs
+from hetero_parallel.plan import ParallelPlan
+
+CELL = 28
+VISION_WIDTH = 32
+HIDDEN = 64
+VOCAB = 512
+NUM_LAYERS = 4
+
+
+class _FrameAttention(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(CELL * CELL * 3, width)
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, cells: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        x = self.embed(cells)
+        parts = []
+        for frame in torch.split(x, list(lengths)):
+            q, k, v = self.qkv(self.norm(frame)).chunk(3, dim=-1)
+            parts.append(frame + self.out(F.scaled_dot_product_attention(q[None], k[None],
+                                                                         v[None])[0]))
+        return torch.cat(parts)
+
+
+class TinyVisionEncoder(nn.Module):
+    def __init__(self, width: int = VISION_WIDTH, out: int = HIDDEN) -> None:
+        super().__init__()
+        self.vit = _FrameAttention(width)
+        self.projector = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, out))
+        self.out = out
+
+    def forward(self, frames: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not frames:
+            return self.projector[-1].weight.new_zeros(0, self.out)
+        cells, lengths = [], []
+        for f in frames:
+            h, w = f.shape[0] // CELL, f.shape[1] // CELL
+            x = f.float().div(255.0).reshape(h, CELL, w, CELL, 3).permute(0, 2, 1, 3, 4)
+            cells.append(x.reshape(h * w, -1))
+            lengths.append(h * w)
+        return self.projector(self.vit(torch.cat(cells), lengths))
+
+
+def gpt_config(plan: ParallelPlan | None = None, **overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = parallel_config_kwargs(plan or ParallelPlan(world_size=1))
+    kwargs.update(overrides)
+    return TransformerConfig(
+        num_layers=NUM_LAYERS, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2,
+        kv_channels=16, ffn_hidden_size=128, normalization="RMSNorm", qk_layernorm=True,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, moe_token_dispatcher_type="alltoall",
+        params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        **kwargs,
+    )
+
+
+def build_gpt(config, *, pre_process: bool = True, post_process: bool = True,
+              vp_stage: int | None = None):
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(config=config, transformer_layer_spec=gpt_layer_spec(
+        config, vp_stage=vp_stage), vocab_size=VOCAB, max_sequence_length=1024,
+        pre_process=pre_process, post_process=post_process, position_embedding_type="rope",
+        rotary_base=10_000, vp_stage=vp_stage)
+
+
+def build_gpt_chunks(config) -> list[nn.Module]:
+    return build_chunks(config, lambda **stage: build_gpt(config, **stage))

@@ -1,31 +1,32 @@
-"""I/O server vs in-process decoding on the same generated H.264 clips, side by side.
+"""I/O server: exact vs fast pixel path vs in-process decoding, and RGB vs YUV 4:2:0 on the wire.
 
     python benchmarks/bench_io_server.py --quick            # ~1-2 min on 2 CPU cores
     python benchmarks/bench_io_server.py                    # 12 clips 360p-1080p, 10-120 s
     python benchmarks/bench_io_server.py --quick --content textured
 
-Modes, each decoding every clip once per round, planning included (as in a first epoch: the
-servers run with `--plan-cache-size 0`; they start once and are warmed up on other clips):
-- in-process: `IOClient()` with one FFmpeg thread, one request at a time (1 decoding core);
-- 1 server x 1 worker: the same decoding core behind gRPC (client concurrency 2);
-- 1 server x W workers (`--workers W` decoding cores), client concurrency 2W;
-- 2 servers x W/2 workers (same total decoding cores);
-- 1 server x W, no zstd: raw uint8 on the wire.
-Reported: frames/s and samples/s (clips/s), both also per decoding core, ratio to in-process
-per core, frame bytes on the wire (gRPC/HTTP2 framing excluded) vs raw uint8, p50/p99 latency
-of one clip, and the CPU milliseconds per frame of the decoding processes (decode + resize +
-zstd): per-core efficiency without the noise of other load on a shared host and of the batch's
-tail, which the wall-clock rate includes. Each mode runs `--rounds` times, interleaved; the
-table shows each mode's fastest round and smallest CPU time (best of N: other load on a shared
-host only ever slows a round down), latency percentiles over all rounds. Goals (issue 4): server
->= 0.9x in-process per decoding core; wire <= 1/3 raw.
+Every mode decodes every clip once per round, planning included (as in a first epoch: the server
+runs with `--plan-cache-size 0`, the in-process client with `plan_cache_size=0`), on ONE decoding
+core: in-process modes decode in this process (one FFmpeg thread, one request at a time); server
+modes use one server with one worker process and one client with 2 requests in flight (so the
+worker never waits for the client), i.e. processes <= cores for the throughput ratios.
+- in-process exact / fast: `IOClient()` with `resize="exact"` (Keye's processor: RGB at source
+  size + torch bilinear-antialias) or `resize="fast"` (FFmpeg's scaler);
+- server exact / fast (RGB): the same two paths behind gRPC, zstd on the wire;
+- server fast (YUV): `pixel_format="yuv420p"`: 4:2:0 planes on the wire, RGB made by the client.
+Reported per mode: frames/s per decoding core, the ratio to in-process exact, CPU ms per frame of
+the decoding process (decode + resize + zstd; steadier than wall clock on a shared host), and for
+server modes the frame bytes per frame on the wire (after zstd) and before zstd (gRPC framing
+excluded). Then the ratios: fast / exact throughput (in-process and server), server / in-process
+per core, YUV / RGB bytes per frame (before and after zstd), the pixel difference of the fast
+path from the exact one (max and mean |diff| in uint8 levels over every frame of every clip), and
+the cost of the resize alone (decoding excluded) per source resolution.
+Each mode runs `--rounds` times, interleaved; the table shows each mode's fastest round and its
+smallest CPU time (other load only ever slows a round down).
 
-`--content synthetic` (default) uses `io_server.synthetic.write_video` (flat coloured shapes,
-like the project's test clips: zstd compresses them far better than camera footage);
-`--content textured` pans 1/f ("pink") noise textures, whose statistics resemble natural images,
-under moving shapes: a pessimistic bound for compression. All processes share this machine's
-cores with the client, so per-core numbers include the client's decompression and the servers'
-forwarding.
+`--content synthetic` (default) uses `io_server.synthetic.write_video` (flat coloured shapes, like
+the project's test clips: zstd compresses them far better than camera footage); `--content
+textured` pans 1/f ("pink") noise textures, whose statistics resemble natural images, under moving
+shapes: a pessimistic bound for compression.
 """
 
 from __future__ import annotations
@@ -59,22 +60,26 @@ class Clip:
 @dataclass(frozen=True)
 class Result:
     mode: str
-    cores: int
     seconds: float
     samples: int
     frames: int
-    raw_bytes: int
-    wire_bytes: int | None
-    latencies: tuple[float, ...]
+    rgb_bytes: int
+    """uint8 RGB bytes of the frames returned (what the caller gets)."""
     cpu_s: float
-    """CPU seconds the decoding cores spent on the clips (in-process: this process; servers:
-    the workers' `worker_cpu_seconds` from `Stats`: decode, resize and zstd)."""
-    zstd_s: float = 0.0
-    """Seconds the workers spent compressing (`compress_seconds` from `Stats`)."""
+    """CPU seconds of the decoding process on the clips (in-process: this process; server: the
+    worker's `worker_cpu_seconds` from `Stats`)."""
+    raw_wire_bytes: int | None = None
+    """Frame bytes the server sent before zstd (RGB: H*W*3; YUV: H*W*3/2)."""
+    wire_bytes: int | None = None
+    """Frame bytes the server sent after zstd."""
 
     @property
-    def fps_per_core(self) -> float:
-        return self.frames / self.seconds / self.cores
+    def fps(self) -> float:
+        return self.frames / self.seconds
+
+    @property
+    def cpu_ms_per_frame(self) -> float:
+        return 1e3 * self.cpu_s / self.frames
 
 
 SIZES = {360: 640, 720: 1280, 1080: 1920}
@@ -143,97 +148,119 @@ def make_clips(root: str, specs: Sequence[tuple[int, float]], content: str,
     return clips
 
 
-def run_in_process(clips: Sequence[Clip], warmup: Sequence[str]) -> Result:
-    client = IOClient(backend=PyAVBackend(threads=1))
-    client.decode(warmup[0])
-    latencies, frames, raw = [], 0, 0
+def run_in_process(mode: str, clips: Sequence[Clip], resize: str, warmup: str) -> Result:
+    client = IOClient(backend=PyAVBackend(threads=1, resize=resize), plan_cache_size=0)
+    client.decode(warmup)
+    frames = rgb = 0
     t0, c0 = time.perf_counter(), time.process_time()
     for clip in clips:
-        t = time.perf_counter()
         media = client.decode(clip.path)
-        latencies.append(time.perf_counter() - t)
         frames += len(media.frames)
-        raw += sum(f.nbytes for f in media.frames)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return Result("in-process", 1, seconds, len(clips), frames, raw, None, tuple(latencies), cpu)
+        rgb += sum(f.nbytes for f in media.frames)
+    return Result(mode, time.perf_counter() - t0, len(clips), frames, rgb,
+                  time.process_time() - c0)
 
 
-def warm_up(servers: Sequence[ServerProcess], warmup: Sequence[str]) -> None:
-    """A long-running daemon is warm; a fresh process is not: one clip per worker first."""
-    with IOClient([s.address for s in servers]) as client:
-        client.decode_many([DecodeItem(p) for p in warmup], max_concurrency=len(warmup))
+def run_server(mode: str, clips: Sequence[Clip], server: ServerProcess, resize: str,
+               pixel_format: str) -> Result:
+    client = IOClient([server.address], resize=resize, pixel_format=pixel_format,
+                      deadline_s=600)
+    before = client.stats()[server.address]
 
-
-def run_servers(mode: str, clips: Sequence[Clip], servers: Sequence[ServerProcess], cores: int,
-                compression: str) -> Result:
-    addresses = [s.address for s in servers]
-    client = IOClient(addresses, compression=compression, deadline_s=600)
-    before = list(client.stats().values())
-
-    def one(clip: Clip) -> tuple[float, int, int]:
-        t = time.perf_counter()
+    def one(clip: Clip) -> tuple[int, int]:
         media = client.decode(clip.path)
-        return time.perf_counter() - t, len(media.frames), sum(f.nbytes for f in media.frames)
+        return len(media.frames), sum(f.nbytes for f in media.frames)
 
     t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2 * cores) as pool:
-        # longest first, so the tail does not leave cores idle
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         out = list(pool.map(one, sorted(clips, key=lambda c: -c.height * c.seconds)))
     seconds = time.perf_counter() - t0
-    after = list(client.stats().values())
+    after = client.stats()[server.address]
     client.close()
-    wire = sum(a.wire_bytes_out - b.wire_bytes_out for a, b in zip(after, before, strict=True))
-    cpu = sum(a.worker_cpu_seconds - b.worker_cpu_seconds
-              for a, b in zip(after, before, strict=True))
-    zstd_s = sum(a.compress_seconds - b.compress_seconds for a, b in zip(after, before,
-                                                                          strict=True))
-    return Result(mode, cores, seconds, len(clips), sum(o[1] for o in out),
-                  sum(o[2] for o in out), wire, tuple(o[0] for o in out), cpu, zstd_s)
+    return Result(mode, seconds, len(clips), sum(o[0] for o in out), sum(o[1] for o in out),
+                  after.worker_cpu_seconds - before.worker_cpu_seconds,
+                  after.raw_bytes_out - before.raw_bytes_out,
+                  after.wire_bytes_out - before.wire_bytes_out)
+
+
+def pixel_difference(clips: Sequence[Clip]) -> tuple[int, float, int]:
+    """(max |diff|, mean |diff|, frames) of the fast path's frames from the exact path's, the
+    same sampled frames (the exact plan) for both."""
+    exact, fast = PyAVBackend(threads=1), PyAVBackend(threads=1, resize="fast")
+    worst, total, count, frames = 0, 0.0, 0, 0
+    for clip in clips:
+        plan = exact.probe(clip.path)
+        a = exact.decode(clip.path, plan=plan).frames
+        b = fast.decode(clip.path, plan=plan).frames
+        for x, y in zip(a, b, strict=True):
+            d = np.abs(x.astype(np.int16) - y.astype(np.int16))
+            worst = max(worst, int(d.max()))
+            total += float(d.sum())
+            count += d.size
+            frames += 1
+    return worst, total / count, frames
+
+
+def resize_cost(clips: Sequence[Clip], frames_per_clip: int = 8) -> dict[int, tuple[float, float]]:
+    """Per source height: (exact ms, fast ms) to turn one decoded frame into its planned slow
+    frame (decoding excluded), best of 3 passes over a few frames of each clip."""
+    from io_server import resize
+
+    out: dict[int, tuple[float, float]] = {}
+    for clip in {c.height: c for c in clips}.values():
+        plan = PyAVBackend(threads=1).probe(clip.path)
+        size = (plan.heights[0], plan.widths[0])
+        with av.open(clip.path) as container:
+            frames = [f for _, f in zip(range(frames_per_clip), container.decode(video=0),
+                                        strict=False)]
+        best = []
+        for mode in ("exact", "fast"):
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for f in frames:
+                    resize.video_frame(f, size, mode, threads=1)
+                times.append((time.perf_counter() - t0) / len(frames) * 1e3)
+            best.append(min(times))
+        out[clip.height] = (best[0], best[1])
+    return out
 
 
 def _best(results: Sequence[Result]) -> Result:
-    """The fastest round (the least disturbed by other load), with its own CPU time, and the
-    latencies of every round."""
     best = min(results, key=lambda r: r.seconds)
-    latencies = tuple(x for r in results for x in r.latencies)
-    return Result(best.mode, best.cores, best.seconds, best.samples, best.frames, best.raw_bytes,
-                  best.wire_bytes, latencies, min(r.cpu_s for r in results), best.zstd_s)
-
-
-def _pct(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
+    return Result(best.mode, best.seconds, best.samples, best.frames, best.rgb_bytes,
+                  min(r.cpu_s for r in results), best.raw_wire_bytes, best.wire_bytes)
 
 
 def print_table(results: Sequence[Result], base: Result) -> None:
-    head = (f"{'mode':<22}{'cores':>6}{'frames/s':>10}{'fr/s/core':>11}{'samples/s':>11}"
-            f"{'x in-proc/core':>16}{'wire MB':>10}{'raw MB':>9}{'wire/raw':>10}"
-            f"{'p50 s':>8}{'p99 s':>8}{'cpu-ms/fr':>11}{'x in-proc':>10}")
+    head = (f"{'mode (1 decoding core)':<26}{'frames/s':>10}{'x in-proc exact':>17}"
+            f"{'cpu-ms/frame':>14}{'KB/frame wire':>15}{'KB/frame pre-zstd':>19}")
     print(head)
     print("-" * len(head))
     for r in results:
-        wire = f"{r.wire_bytes / 1e6:10.1f}" if r.wire_bytes is not None else f"{'-':>10}"
-        ratio = (f"{r.wire_bytes / r.raw_bytes:10.3f}" if r.wire_bytes is not None
-                 else f"{'-':>10}")
-        print(f"{r.mode:<22}{r.cores:>6}{r.frames / r.seconds:>10.1f}{r.fps_per_core:>11.1f}"
-              f"{r.samples / r.seconds:>11.3f}{r.fps_per_core / base.fps_per_core:>16.2f}"
-              f"{wire}{r.raw_bytes / 1e6:>9.1f}{ratio}"
-              f"{_pct(r.latencies, 50):>8.2f}{_pct(r.latencies, 99):>8.2f}"
-              f"{1e3 * r.cpu_s / r.frames:>11.1f}"
-              f"{(base.cpu_s / base.frames) / (r.cpu_s / r.frames):>10.2f}")
+        wire = f"{r.wire_bytes / r.frames / 1e3:15.1f}" if r.wire_bytes is not None else \
+            f"{'-':>15}"
+        raw = f"{r.raw_wire_bytes / r.frames / 1e3:19.1f}" if r.raw_wire_bytes is not None \
+            else f"{r.rgb_bytes / r.frames / 1e3:>15.1f} (RGB)"
+        print(f"{r.mode:<26}{r.fps:>10.1f}{r.fps / base.fps:>17.2f}"
+              f"{r.cpu_ms_per_frame:>14.2f}{wire}{raw}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="eight 8 s clips (~1-2 min)")
-    p.add_argument("--workers", type=int, default=2, help="decoding cores of the server modes "
-                                                          "(even; 2 servers get half each)")
     p.add_argument("--content", choices=["synthetic", "textured"], default="synthetic")
     p.add_argument("--fps", type=float, default=24.0, help="frame rate of the clips")
-    p.add_argument("--rounds", type=int, default=3, help="repetitions of every mode")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="repetitions of every mode (default 2 with --quick, else 3)")
     p.add_argument("--dir", default=None, help="where to write clips (default: a temp dir)")
     args = p.parse_args(argv)
-    if args.workers < 2 or args.workers % 2:
-        p.error(f"--workers({args.workers}) must be an even number >= 2")
+    import torch
+
+    # One decoding core: the in-process exact path resizes with torch in this process, so it gets
+    # one intra-op thread, as the server's workers do (`init_worker`).
+    torch.set_num_threads(1)
+    rounds = args.rounds or (2 if args.quick else 3)
     root = args.dir or tempfile.mkdtemp(prefix="bench-io-")
     os.makedirs(root, exist_ok=True)
     specs = QUICK_CLIPS if args.quick else FULL_CLIPS
@@ -242,47 +269,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(clips)} {args.content} H.264 clips at {args.fps:g} fps "
           f"({', '.join(f'{c.height}p {c.seconds:g}s' for c in clips)}) written in "
           f"{time.perf_counter() - t:.0f} s; {os.cpu_count()} CPU cores on this host", flush=True)
-
-    w = args.workers
     os.makedirs(os.path.join(root, "warmup"), exist_ok=True)
-    warmup = [synthetic.write_video(os.path.join(root, "warmup", f"warmup{i}.mp4"), width=1920,
-                                    height=1080, seconds=3, fps=args.fps, seed=i).path
-              for i in range(w)]
-    # Servers start once, are warmed up, and run with the plan cache off so that every round
-    # plans every clip again, like the in-process path (which keeps no cache).
-    no_cache = ["--plan-cache-size", "0"]
-    one = [start_server([root], workers=1, args=no_cache)]
-    many = [start_server([root], workers=w, args=no_cache)]
-    two = [start_server([root], workers=w // 2, args=no_cache) for _ in range(2)]
-    runs = [("1 server x 1 worker", one, 1, "zstd"), (f"1 server x {w} workers", many, w, "zstd"),
-            (f"2 servers x {w // 2} workers", two, w, "zstd"),
-            (f"1 server x {w}, no zstd", many, w, "none")]
-    rounds: dict[str, list[Result]] = {}
+    warmup = synthetic.write_video(os.path.join(root, "warmup", "warmup.mp4"), width=1280,
+                                   height=720, seconds=2, fps=args.fps, seed=99).path
+    server = start_server([root], workers=1, args=["--plan-cache-size", "0"])
+    runs = [("server exact (RGB)", "exact", "rgb24"), ("server fast (RGB)", "fast", "rgb24"),
+            ("server fast (YUV 4:2:0)", "fast", "yuv420p")]
+    by_mode: dict[str, list[Result]] = {}
     try:
-        for servers in (one, many, two):
-            warm_up(servers, warmup)
-        for k in range(args.rounds):
-            r = run_in_process(clips, warmup)
-            rounds.setdefault(r.mode, []).append(r)
-            for mode, servers, cores, compression in runs:
-                rounds.setdefault(mode, []).append(
-                    run_servers(mode, clips, servers, cores, compression))
-            print(f"  round {k + 1}/{args.rounds}: " + ", ".join(
-                f"{m} {rs[-1].seconds:.1f} s" for m, rs in rounds.items()), flush=True)
+        with IOClient([server.address]) as client:  # a long-running daemon is warm
+            client.decode_many([DecodeItem(warmup)] * 2)
+        for k in range(rounds):
+            for mode, resize in (("in-process exact", "exact"), ("in-process fast", "fast")):
+                by_mode.setdefault(mode, []).append(run_in_process(mode, clips, resize, warmup))
+            for mode, resize, pixel_format in runs:
+                by_mode.setdefault(mode, []).append(
+                    run_server(mode, clips, server, resize, pixel_format))
+            print(f"  round {k + 1}/{rounds}: " + ", ".join(
+                f"{m} {rs[-1].seconds:.1f} s" for m, rs in by_mode.items()), flush=True)
     finally:
-        for server in (*one, *many, *two):
-            server.terminate()
-            server.cleanup()
-    results = [_best(rs) for rs in rounds.values()]
+        server.terminate()
+        server.cleanup()
+    results = {m: _best(rs) for m, rs in by_mode.items()}
     print()
-    print_table(results, results[0])
-    base, single, multi = results[0], results[1], results[2]
-    print(f"\nserver (1 worker) / in-process, one decoding core each: wall clock "
-          f"{single.fps_per_core / base.fps_per_core:.2f}x, CPU time per frame "
-          f"{(base.cpu_s / base.frames) / (single.cpu_s / single.frames):.2f}x (goal >= 0.9x); "
-          f"{multi.mode}: {multi.fps_per_core / base.fps_per_core:.2f}x per core; "
-          f"wire / raw uint8: {multi.wire_bytes / multi.raw_bytes:.3f} (goal <= 0.333); "
-          f"zstd in the workers: {1e3 * multi.zstd_s / multi.frames:.2f} ms/frame")
+    base = results["in-process exact"]
+    print_table(list(results.values()), base)
+    worst, mean, n = pixel_difference(clips)
+    ie, if_ = results["in-process exact"], results["in-process fast"]
+    se, sf, sy = (results["server exact (RGB)"], results["server fast (RGB)"],
+                  results["server fast (YUV 4:2:0)"])
+    assert sf.raw_wire_bytes and sy.raw_wire_bytes and sf.wire_bytes and sy.wire_bytes
+    print(f"\nfast / exact, frames/s per core: in-process {if_.fps / ie.fps:.2f}x, "
+          f"server {sf.fps / se.fps:.2f}x; CPU per frame {ie.cpu_ms_per_frame:.2f} ms exact vs "
+          f"{if_.cpu_ms_per_frame:.2f} ms fast ({ie.cpu_ms_per_frame / if_.cpu_ms_per_frame:.2f}x)")
+    print(f"server / in-process, frames/s per core: exact {se.fps / ie.fps:.2f}x, fast "
+          f"{sf.fps / if_.fps:.2f}x")
+    print(f"YUV / RGB bytes per frame: before zstd {sy.raw_wire_bytes / sf.raw_wire_bytes:.3f} "
+          f"(goal <= 0.5), after zstd {sy.wire_bytes / sf.wire_bytes:.3f}; zstd / raw RGB "
+          f"{sf.wire_bytes / sf.raw_wire_bytes:.3f}; YUV frames/s {sy.fps / sf.fps:.2f}x RGB")
+    print(f"fast path pixels vs exact over {n} frames: max |diff| {worst} levels, mean "
+          f"{mean:.2f} levels")
+    for height, (exact_ms, fast_ms) in sorted(resize_cost(clips).items()):
+        print(f"resize only, {height}p source -> its slow-frame size: exact {exact_ms:.2f} ms, "
+              f"fast {fast_ms:.2f} ms per frame ({exact_ms / fast_ms:.2f}x)")
     return 0
 
 

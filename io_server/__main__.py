@@ -9,6 +9,10 @@ It prints one line `io-server listening on HOST:PORT` on stdout once it serves (
 the OS picks the port; `--port-file F` also writes it to F), logs to stderr, and stops cleanly
 on SIGTERM/SIGINT: health turns NOT_SERVING, new requests are refused, in-flight ones finish
 within `--grace-s`, exit status 0. Clients: `io_server.client.IOClient(["HOST:PORT", ...])`.
+
+Pixels: `--resize exact` (default) equals Keye's released processor; `--resize fast` is FFmpeg's
+scaler (faster, a few levels off; see `io_server.resize`). Limits against hostile input:
+`--max-path-bytes`, `--max-pixels`, `--worker-memory-mb`, `--max-in-flight`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from io_server import keye
+from io_server import keye, paths, resize
+from io_server.backends import DEFAULT_MAX_PIXELS
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -46,13 +51,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="frame plans remembered (LRU); 0 = plan on every request")
     p.add_argument("--grace-s", type=float, default=30.0,
                    help="time in-flight requests get to finish after SIGTERM")
+    p.add_argument("--resize", default=resize.DEFAULT_RESIZE, choices=list(resize.RESIZE_MODES),
+                   help="pixel path for requests that name none: exact = Keye's processor "
+                        "(torch bilinear-antialias), fast = FFmpeg's scaler")
+    p.add_argument("--max-path-bytes", type=int, default=paths.MAX_PATH_BYTES,
+                   help="longest request path; longer ones are refused before any filesystem "
+                        "access")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="largest source frame (width x height) decoded; larger ones (image "
+                        "bombs) are refused before decoding")
+    p.add_argument("--worker-memory-mb", type=int, default=4096,
+                   help="data-segment limit of each worker process (RLIMIT_DATA); 0 = none")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
+                   help="shut down (as on SIGTERM) when process PID, the parent that started "
+                        "this daemon, dies, even by SIGKILL (Linux)")
     return p.parse_args(argv)
+
+
+def exit_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGTERM when our parent dies (PR_SET_PDEATHSIG), then make sure it has
+    not died already (the request only covers deaths after it)."""
+    import ctypes
+    import os
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        raise SystemExit(f"io-server: parent {parent} is gone (parent is now {os.getppid()})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `io-server` console script and `python -m io_server`."""
     args = parse_args(argv)
+    if args.exit_with_parent is not None:
+        exit_with_parent(args.exit_with_parent)
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s io-server[%(process)d] %(message)s")
@@ -64,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_in_flight=args.max_in_flight, zstd_level=args.zstd_level, preset=args.preset,
             backend=args.backend, decoder_threads=args.decoder_threads,
             chunk_bytes=args.chunk_bytes, grace_s=args.grace_s,
-            plan_cache_size=args.plan_cache_size, port_file=args.port_file)
+            plan_cache_size=args.plan_cache_size, port_file=args.port_file, resize=args.resize,
+            max_path_bytes=args.max_path_bytes, max_pixels=args.max_pixels,
+            worker_memory_mb=args.worker_memory_mb)
     except ValueError as exc:
         print(f"io-server: {exc}", file=sys.stderr)
         return 2

@@ -7,15 +7,17 @@ Two backends share one contract (`DecodeBackend`):
   identical) and decodes pixels on the GPU. Needs `pip install hetero-mm-train[gpu]` and a GPU.
 
 Contract:
-- `probe(path)` returns the full plan without pixels. It decodes the sampled frames at the small
-  Slow-Fast comparison size (`keye.similarity_size`), scaled by FFmpeg (bilinear, area-aware when
-  shrinking, like `torch.nn.functional.interpolate(..., "bilinear", antialias=True)` that
-  `keye-vl-utils` uses).
+- `probe(path)` returns the full plan without pixels. It decodes the sampled frames and shrinks
+  them to the small Slow-Fast comparison size (`keye.similarity_size`) with the backend's pixel
+  path (`io_server.resize`: "exact" = Keye's torch bilinear-antialias, "fast" = FFmpeg's scaler).
 - `decode(path, frame_start, frame_stop, plan)` returns C-contiguous uint8 RGB (H, W, 3) frames of
-  the sampled frames `[frame_start, frame_stop)` at their planned sizes, scaled by FFmpeg's
-  bicubic filter (PIL's default `Image.resize` filter, which `keye-vl-utils` uses for images).
-  Sizes equal `keye-vl-utils`' exactly; pixel values are close to, not equal to, other
-  resamplers'.
+  the sampled frames `[frame_start, frame_stop)` at their planned sizes, made by the same pixel
+  path ("exact" equals Keye's released processor; see `io_server.resize`). With
+  `keep_yuv=True` (fast path only) 4:2:0 sources come back as `Yuv420Frame` planes instead.
+- Limits, checked before FFmpeg allocates anything: a path must pass `paths.check_path` (no
+  control characters, under PATH_MAX bytes); a frame may have at most `max_pixels` pixels, read
+  from the image header (`imagesize.declared_size`) or the container, and enforced again inside
+  FFmpeg's decoder (its `max_pixels` option), so an image bomb is refused with its real size.
 - Frame `i` of a video is the `i`-th frame in presentation order. Both calls first demux the
   stream (no decoding) to list every frame's pts and the keyframes: the frame count is the number
   of video packets (what the container records, for MP4), and decoding seeks to the keyframe
@@ -25,7 +27,9 @@ Contract:
 - Errors are `io_server.media` errors naming the file: `MediaNotFoundError` (no such file),
   `CorruptMediaError` (FFmpeg's reason: truncated, corrupt, no video stream),
   `InvalidRequestError` (frame range outside the plan, a plan of another file, an aspect ratio
-  beyond 200:1, a plan whose frame count no longer matches the file). Decoding a corrupt file
+  beyond 200:1, a plan whose frame count no longer matches the file, a symlink loop, a frame over
+  `max_pixels`, a bad path). Running out of memory raises `MemoryError` (the daemon's workers
+  turn it into an error naming their memory limit). Decoding a corrupt file
   stops at FFmpeg's first error; nothing loops forever. A stream whose packets end well before
   the duration its container declares (a truncated WebM/MKV) is corrupt. Decoders that conceal
   errors (e.g. MJPEG on a damaged JPEG) may return damaged pixels without an error.
@@ -42,7 +46,8 @@ from typing import Protocol, TypeVar, runtime_checkable
 import av
 import numpy as np
 
-from io_server import keye
+from io_server import imagesize, keye, paths
+from io_server import resize as resize_mod
 from io_server.keye import DEFAULT_PRESET, KeyePreset
 from io_server.media import (
     CorruptMediaError,
@@ -51,15 +56,14 @@ from io_server.media import (
     InvalidRequestError,
     MediaError,
     MediaKind,
-    MediaNotFoundError,
+    Yuv420Frame,
 )
 
 logger = logging.getLogger(__name__)
 
-SIMILARITY_INTERPOLATION = "BILINEAR"
-"""FFmpeg (swscale) filter for the small Slow-Fast comparison frames."""
-OUTPUT_INTERPOLATION = "BICUBIC"
-"""FFmpeg (swscale) filter for the frames `decode` returns."""
+DEFAULT_MAX_PIXELS = 1 << 26
+"""Largest source frame decoded by default: 67,108,864 pixels (8192 x 8192). A 16-bit RGBA frame
+of that size takes 512 MiB in FFmpeg; anything larger is refused before decoding."""
 
 MAX_SOURCE_FRAMES = 50_000_000
 """A container claiming more frames than this is treated as corrupt (never plan absurd work)."""
@@ -85,10 +89,12 @@ class DecodeBackend(Protocol):
         frame_start: int = 0,
         frame_stop: int | None = None,
         plan: FramePlan | None = None,
+        keep_yuv: bool = False,
     ) -> DecodedMedia:
         """Pixels of sampled frames `[frame_start, frame_stop)` (all when `frame_stop` is None).
 
-        `plan` (from `probe` of the same file and preset) skips re-planning.
+        `plan` (from `probe` of the same file and preset) skips re-planning. `keep_yuv` asks for
+        `Yuv420Frame` planes where the backend has them (RGB arrays elsewhere).
         """
         ...
 
@@ -97,18 +103,35 @@ class DecodeBackend(Protocol):
 # Shared helpers
 
 
-def _check_exists(path: str) -> None:
-    if not os.path.exists(path):
-        raise MediaNotFoundError(path, "no such file")
-    if not os.path.isfile(path):
-        raise InvalidRequestError(path, "not a regular file")
+def _frame_size_error(path: str, width: int, height: int, max_pixels: int, where: str
+                      ) -> InvalidRequestError:
+    return InvalidRequestError(
+        path, f"{where} declares a {width}x{height} frame = {width * height:,} pixels, over the "
+              f"limit of {max_pixels:,} pixels (--max-pixels); refused before decoding")
 
 
-def _open(path: str) -> av.container.InputContainer:
-    _check_exists(path)
+def _sniffed_size(path: str) -> tuple[int, int] | None:
+    """(width, height) declared by an image header, or None (not an image we can read)."""
+    try:
+        with open(path, "rb") as f:
+            return imagesize.declared_size(f.read(imagesize.SNIFF_BYTES))
+    except OSError:
+        return None
+
+
+def _open(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> av.container.InputContainer:
+    paths.check_file(path)
+    declared = _sniffed_size(path)
+    if declared is not None and declared[0] * declared[1] > max_pixels:
+        raise _frame_size_error(path, declared[0], declared[1], max_pixels, "the image header")
+    # FFmpeg decodes frames while probing a file: its own pixel limit covers what we cannot sniff.
+    limit = [{"max_pixels": str(max_pixels)}] * 8
     try:
         # "file:" keeps FFmpeg from reading a protocol ("concat:", "http:") out of the name.
-        return av.open("file:" + os.path.abspath(path), mode="r", metadata_errors="ignore")
+        return av.open("file:" + os.path.abspath(path), mode="r", metadata_errors="ignore",
+                       stream_options=limit)
+    except MemoryError:
+        raise
     except av.FFmpegError as e:
         raise CorruptMediaError(path, f"cannot open: {e}") from e
     except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -120,14 +143,21 @@ def _is_image(container: av.container.InputContainer) -> bool:
     return any(n in _IMAGE_FORMATS for n in names)
 
 
-def _video_stream(path: str, container: av.container.InputContainer) -> av.video.VideoStream:
+def _video_stream(path: str, container: av.container.InputContainer,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> av.video.VideoStream:
     if not container.streams.video:
         raise CorruptMediaError(path, "no video stream")
     stream = container.streams.video[0]
-    if stream.codec_context.width <= 0 or stream.codec_context.height <= 0:
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width <= 0 or height <= 0:
+        declared = _sniffed_size(path)
+        if declared is not None and declared[0] * declared[1] > max_pixels:
+            raise _frame_size_error(path, declared[0], declared[1], max_pixels, "the header")
         raise CorruptMediaError(
-            path, f"invalid frame size {stream.codec_context.width}x{stream.codec_context.height}"
-        )
+            path, f"invalid frame size {width}x{height}: FFmpeg could not read the frame size "
+                  f"(a corrupt header, or a frame over its limit of {max_pixels:,} pixels)")
+    if width * height > max_pixels:
+        raise _frame_size_error(path, width, height, max_pixels, "the stream")
     return stream
 
 
@@ -194,6 +224,8 @@ def _index_stream(path: str, container: av.container.InputContainer,
             if packet.time_base is not None:
                 end_s = max(end_s, float((packet.pts + (packet.duration or 0)) * packet.time_base))
         container.seek(0, stream=stream)
+    except MemoryError:
+        raise
     except av.FFmpegError as e:
         raise CorruptMediaError(path, f"demuxing failed after {n} packets: {e}") from e
     if n == 0:
@@ -284,6 +316,8 @@ def _decode_frames(
                 raise CorruptMediaError(
                     path, f"stream ended before frame {wanted[pos]} (pts {int(targets[pos])})"
                 )
+    except MemoryError:
+        raise
     except av.FFmpegError as e:
         raise CorruptMediaError(path, f"decoding failed near frame {wanted[pos]}: {e}") from e
 
@@ -303,6 +337,8 @@ def _decode_sequential(
             if pos == len(wanted):
                 return
             index += 1
+    except MemoryError:
+        raise
     except av.FFmpegError as e:
         raise CorruptMediaError(path, f"decoding failed at frame {index}: {e}") from e
     raise CorruptMediaError(
@@ -343,46 +379,64 @@ def _check_range(path: str, plan: FramePlan, frame_start: int,
 
 
 class PyAVBackend:
-    """CPU decoding with PyAV (FFmpeg). `threads` > 0 sets FFmpeg's decoder thread count
-    (0 = FFmpeg's automatic choice); frame and slice threading are both enabled."""
+    """CPU decoding with PyAV (FFmpeg).
+
+    Args:
+        threads: FFmpeg's decoder (and scaler) thread count; 0 = FFmpeg's automatic choice.
+            Frame and slice threading are both enabled.
+        resize: the pixel path, "exact" (Keye's released processor, the default) or "fast"
+            (FFmpeg's scaler); see `io_server.resize`.
+        max_pixels: largest source frame (width x height) this backend decodes.
+    """
 
     name = "pyav"
 
-    def __init__(self, threads: int = 0) -> None:
+    def __init__(self, threads: int = 0, resize: str = resize_mod.DEFAULT_RESIZE,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if threads < 0:
             raise ValueError(f"threads({threads}) must be >= 0")
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels({max_pixels}) must be >= 1")
         self.threads = threads
+        self.resize = resize_mod.check_mode(resize)
+        self.max_pixels = max_pixels
 
     def _setup(self, stream: av.video.VideoStream) -> None:
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = self.threads
+        stream.codec_context.options = {"max_pixels": str(self.max_pixels)}
 
     def probe(self, path: str, preset: KeyePreset = DEFAULT_PRESET) -> FramePlan:
+        return self.probe_with_similarities(path, preset)[0]
+
+    def probe_with_similarities(self, path: str, preset: KeyePreset = DEFAULT_PRESET
+                                ) -> tuple[FramePlan, tuple[float, ...]]:
+        """`probe`, and each sampled frame's similarity to the latest slow frame before it
+        (`keye.slow_fast_trace`: 1.0 for the first, NaN between black frames; () for images)."""
         path = os.fspath(path)
-        with _open(path) as container:
-            stream = _video_stream(path, container)
+        with _open(path, self.max_pixels) as container:
+            stream = _video_stream(path, container, self.max_pixels)
             width, height = stream.codec_context.width, stream.codec_context.height
             if _is_image(container):
-                return _guard(path, lambda: keye.image_plan(path, width, height, preset))
+                return _guard(path, lambda: keye.image_plan(path, width, height, preset)), ()
             fps = _source_fps(stream)
             if fps <= 0:
                 raise CorruptMediaError(path, "no frame rate")
             index = _index_stream(path, container, stream, fps)
             num = index.num_frames
             indices = keye.sample_frame_indices(num, fps, preset)
-            sh, sw = _guard(path, lambda: keye.similarity_size(height, width, preset))
+            size = _guard(path, lambda: keye.similarity_size(height, width, preset))
             self._setup(stream)
             lowres: list[np.ndarray] = [np.empty(0)] * len(indices)
             for pos, frame in _decode_frames(path, container, stream, index, indices):
-                lowres[pos] = frame.to_ndarray(
-                    width=sw, height=sh, format="rgb24", interpolation=SIMILARITY_INTERPOLATION
-                )
-            is_fast = keye.classify_slow_fast(lowres, preset)
+                lowres[pos] = resize_mod.thumbnail(frame, size, self.resize, self.threads)
+            is_fast, similarities = keye.slow_fast_trace(lowres, preset)
             duration = _duration_s(container, stream, num, fps)
-            return _guard(path, lambda: keye.video_plan(
+            plan = _guard(path, lambda: keye.video_plan(
                 path, width=width, height=height, source_fps=fps, num_source_frames=num,
                 duration_s=duration, frame_indices=indices, is_fast=is_fast, preset=preset,
             ))
+            return plan, similarities
 
     def decode(
         self,
@@ -391,12 +445,19 @@ class PyAVBackend:
         frame_start: int = 0,
         frame_stop: int | None = None,
         plan: FramePlan | None = None,
+        keep_yuv: bool = False,
     ) -> DecodedMedia:
+        if keep_yuv and self.resize == "exact":
+            raise InvalidRequestError(
+                os.fspath(path), "the YUV 4:2:0 wire format carries the planes of the fast "
+                "path; the exact path resizes RGB frames, which 4:2:0 cannot carry without "
+                "losing half the colour resolution: ask for resize 'fast', or for RGB")
         path, plan, start, stop = _resolve(self, path, preset, frame_start, frame_stop, plan)
         wanted = plan.frame_indices[start:stop]
-        frames: list[np.ndarray] = [np.empty(0)] * len(wanted)
-        with _open(path) as container:
-            stream = _video_stream(path, container)
+        frames: list[np.ndarray | Yuv420Frame] = [np.empty(0)] * len(wanted)
+        make = resize_mod.image_frame if plan.kind is MediaKind.IMAGE else resize_mod.video_frame
+        with _open(path, self.max_pixels) as container:
+            stream = _video_stream(path, container, self.max_pixels)
             self._setup(stream)
             index = (_index_stream(path, container, stream, plan.source_fps)
                      if plan.kind is MediaKind.VIDEO and wanted else None)
@@ -410,10 +471,8 @@ class PyAVBackend:
                                                                         wanted))
             for pos, frame in frames_iter:
                 j = start + pos
-                frames[pos] = np.ascontiguousarray(frame.to_ndarray(
-                    width=plan.widths[j], height=plan.heights[j], format="rgb24",
-                    interpolation=OUTPUT_INTERPOLATION,
-                ))
+                frames[pos] = make(frame, (plan.heights[j], plan.widths[j]), self.resize,
+                                   self.threads, keep_yuv)
         return DecodedMedia(plan=plan, frame_start=start, frame_stop=stop, frames=tuple(frames))
 
 
@@ -469,14 +528,16 @@ def least_utilised_gpu() -> int:
 
 
 class DaliBackend:
-    """GPU decoding with NVIDIA DALI (NVDEC). Plans come from PyAV, so they are identical to
-    `PyAVBackend`'s; pixels are decoded on the GPU and resized there with a cubic filter
-    (antialiased when shrinking), so they are close to, not equal to, PyAV's. Images go through
-    PyAV. `device_id` defaults to the least utilised GPU (`least_utilised_gpu`)."""
+    """GPU decoding with NVIDIA DALI (NVDEC). Plans come from PyAV (with the same `resize` mode),
+    so they are identical to `PyAVBackend`'s; pixels are decoded on the GPU and resized there with
+    a cubic filter (antialiased when shrinking): a fast path of its own, close to, not equal to,
+    either PyAV path. Images go through PyAV. `device_id` defaults to the least utilised GPU
+    (`least_utilised_gpu`). `keep_yuv` is ignored: frames come back as RGB."""
 
     name = "dali"
 
-    def __init__(self, device_id: int | None = None) -> None:
+    def __init__(self, device_id: int | None = None, resize: str = resize_mod.DEFAULT_RESIZE,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         try:
             from nvidia.dali import fn, pipeline_def, types  # noqa: F401
         except ImportError as e:
@@ -484,7 +545,9 @@ class DaliBackend:
                 "the DALI backend needs nvidia-dali: pip install hetero-mm-train[gpu]"
             ) from e
         self.device_id = least_utilised_gpu() if device_id is None else device_id
-        self._planner = PyAVBackend()
+        self.resize = resize_mod.check_mode(resize)
+        self.max_pixels = max_pixels
+        self._planner = PyAVBackend(resize=resize, max_pixels=max_pixels)
 
     def probe(self, path: str, preset: KeyePreset = DEFAULT_PRESET) -> FramePlan:
         return self._planner.probe(path, preset)
@@ -496,6 +559,7 @@ class DaliBackend:
         frame_start: int = 0,
         frame_stop: int | None = None,
         plan: FramePlan | None = None,
+        keep_yuv: bool = False,
     ) -> DecodedMedia:
         path, plan, start, stop = _resolve(self, path, preset, frame_start, frame_stop, plan)
         if plan.kind is MediaKind.IMAGE or start == stop:
@@ -553,8 +617,10 @@ def _dali_decode(path: str, device_id: int, plan: FramePlan, start: int,
     return tuple(result)
 
 
-def get_backend(name: str = "pyav") -> DecodeBackend:
-    """The backend called `name`: "pyav" (CPU, default) or "dali" (GPU).
+def get_backend(name: str = "pyav", *, threads: int = 0, resize: str = resize_mod.DEFAULT_RESIZE,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeBackend:
+    """The backend called `name`: "pyav" (CPU, default) or "dali" (GPU), with the pixel path
+    `resize` and the frame limit `max_pixels` (`threads` applies to "pyav").
 
     Raises:
         ValueError: unknown name.
@@ -562,7 +628,7 @@ def get_backend(name: str = "pyav") -> DecodeBackend:
         RuntimeError: "dali" on a host without a usable NVIDIA GPU.
     """
     if name == "pyav":
-        return PyAVBackend()
+        return PyAVBackend(threads=threads, resize=resize, max_pixels=max_pixels)
     if name == "dali":
-        return DaliBackend()
+        return DaliBackend(resize=resize, max_pixels=max_pixels)
     raise ValueError(f"unknown decode backend {name!r}; choose 'pyav' or 'dali'")

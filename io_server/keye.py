@@ -10,11 +10,17 @@ Behaviour of the released code that a reader might not expect, kept on purpose f
   in float32 with round-half-to-even (what `torch.linspace(...).round()` gives);
 - the similarity of two frames is the fraction of similar 28x28 HSV patches among the patches that
   are not near-zero in *both* frames (two black patches are left out, not counted as similar); if
-  every patch is near-zero in both, the frames count as similar. The fraction is a float32, so a
-  fraction exactly at the threshold (e.g. 90 of 100 patches) falls just below it: slow;
-- the budget search returns the *smallest* per-slow-frame token count whose cost exceeds the budget
-  (or the maximum when none does), so the planned total can exceed the budget by about one token per
-  frame. `slow_token_cap` documents the exact rule;
+  every patch is near-zero in both (a fade to black), the fraction is 0/0 = NaN, and a frame is
+  slow only when its similarity is `< threshold`, which NaN is not: such a frame is fast. The
+  fraction is a float32, so a fraction exactly at the threshold (e.g. 90 of 100 patches) falls just
+  below it: slow;
+- timestamps are float32 (`torch.FloatTensor([(1 / fps) * i ...])` there), and the prompt prints
+  them with "%.1f": at 60 fps source frame 171 is 2.8499999 s, printed "2.8" (float64 would print
+  "2.9");
+- the release preset's budget search returns the *smallest* per-slow-frame token count whose cost
+  exceeds the budget (or the maximum when none does), so the planned total can exceed the budget by
+  about one token per frame. `slow_token_cap` documents the exact rule. The paper preset does not
+  copy this: it takes the largest count whose frames fit (`fitting_token_cap`);
 - `video_min_tokens` (48) bounds the token *caps*; `smart_resize` floors both sides to multiples of
   28 under a cap, so a frame under a 48-token cap can get fewer tokens (e.g. 45).
 
@@ -72,8 +78,15 @@ class KeyePreset:
     """Side of one token in pixels; every resized side is a multiple of it."""
     max_aspect_ratio: float = 200.0
     """`smart_resize` rejects media whose long side exceeds this multiple of the short side."""
+    budget_search: str = "keye-vl-utils"
+    """How the per-slow-frame token cap is chosen: "keye-vl-utils" (its binary search, which can
+    settle one step over the budget: `slow_token_cap`) or "largest-fit" (the largest cap whose
+    frames, at their real sizes, fit in the budget: `fitting_token_cap`)."""
 
     def __post_init__(self) -> None:
+        if self.budget_search not in BUDGET_SEARCHES:
+            raise ValueError(f"preset {self.name!r}: budget_search {self.budget_search!r} is not "
+                             f"one of {list(BUDGET_SEARCHES)}")
         if not self.fps > 0:
             raise ValueError(f"preset {self.name!r}: fps({self.fps}) must be > 0")
         if self.max_frames < 1:
@@ -109,12 +122,18 @@ class KeyePreset:
         return self.factor * self.factor
 
 
+BUDGET_SEARCHES = ("keye-vl-utils", "largest-fit")
+"""Allowed values of `KeyePreset.budget_search`."""
+
 RELEASE_PRESET = KeyePreset(name="release")
 """`keye-vl-utils` 1.5.2: similarity threshold 0.9, budget 65,536 tokens per video."""
 
-PAPER_PRESET = KeyePreset(name="paper", similarity_threshold=0.95, video_token_budget=75_000)
-"""Keye-VL-1.5 technical report (arXiv 2509.01563): similarity 95%, budget 75,000 tokens; every
-other constant as released (the frame cap stays 1,365 rather than int(75,000 / 48))."""
+PAPER_PRESET = KeyePreset(name="paper", similarity_threshold=0.95, video_token_budget=75_000,
+                          budget_search="largest-fit")
+"""Keye-VL-1.5 technical report (arXiv 2509.01563): similarity 95%, budget 75,000 tokens, and its
+"search for the per-slow-frame token count under a total budget" taken at its word: the largest
+count whose frames fit, never over the budget (`fitting_token_cap`). Every other constant as
+released (the frame cap stays 1,365 rather than int(75,000 / 48))."""
 
 DEFAULT_PRESET = RELEASE_PRESET
 """The released code's preset: it is what the released Keye-VL-1.5 checkpoints were used with, so
@@ -250,9 +269,18 @@ def sample_frame_indices(
 
 
 def frame_timestamps(frame_indices: Sequence[int], source_fps: float) -> tuple[float, ...]:
-    """Timestamp in seconds of each sampled frame: `index / source_fps` (a constant frame rate,
-    as `keye-vl-utils` assumes)."""
-    return tuple((1.0 / source_fps) * i for i in frame_indices)
+    """Timestamp in seconds of each sampled frame: `(1 / source_fps) * index` computed in float64
+    and rounded to float32, as `keye-vl-utils` does (a constant frame rate; its timestamps are a
+    `torch.FloatTensor`). The values are float32 numbers held in Python floats, so "%.1f" prints
+    what Keye's prompt prints (see `format_timestamp`)."""
+    step = 1.0 / source_fps
+    stamps = np.asarray([step * i for i in frame_indices], dtype=np.float64).astype(np.float32)
+    return tuple(float(t) for t in stamps)
+
+
+def format_timestamp(seconds: float) -> str:
+    """A frame's timestamp as the prompt prints it: "%.1f" of the float32 value."""
+    return f"{float(np.float32(seconds)):.1f}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,14 +343,15 @@ def patch_vectors(hsv: np.ndarray, patch: int = PIXELS_PER_TOKEN_SIDE) -> PatchV
 
 
 def patch_similarity(a: PatchVectors, b: PatchVectors, cosine_threshold: float = 0.7) -> float:
-    """`frame_similarity` of two frames already cut by `patch_vectors`."""
+    """`frame_similarity` of two frames already cut by `patch_vectors` (NaN when every patch is
+    near-zero in both)."""
     if a.grid != b.grid:
         raise ValueError(f"patch grids differ: {a.grid} vs {b.grid}")
     cos = np.einsum("ij,ij->i", a.unit, b.unit, dtype=np.float32)
     keep = ~(a.near_zero & b.near_zero)
     n = int(np.count_nonzero(keep))
     if n == 0:
-        return 1.0
+        return math.nan  # keye-vl-utils: the mean of no patches
     similar = int(np.count_nonzero(cos[keep] > cosine_threshold))
     # float32 like keye-vl-utils' torch mean: 9/10 gives 0.8999999762, below a 0.9 threshold.
     return float(np.float32(similar) / np.float32(n))
@@ -335,7 +364,8 @@ def frame_similarity(
     """Fraction of `patch x patch` patches whose HSV vectors have cosine > `cosine_threshold`.
 
     Both inputs are (H, W, 3) HSV arrays of the same shape, H and W multiples of `patch`. Patches
-    whose vectors are near zero (norm < 0.01) in both frames are left out; if all are, returns 1.0.
+    whose vectors are near zero (norm < 0.01) in both frames are left out; if all are (two black
+    frames), returns NaN, as `keye-vl-utils` does (`is_fast_frame` then calls the frame fast).
     Computed in float32 with the same epsilon (1e-8 added to norms) as `keye-vl-utils`, and the
     fraction is rounded to float32 as there: a fraction of exactly 0.9 returns 0.8999999762, so
     it counts as *below* a 0.9 threshold (likewise 0.95).
@@ -346,11 +376,17 @@ def frame_similarity(
                             cosine_threshold)
 
 
+def is_fast_frame(similarity: float, threshold: float) -> bool:
+    """Keye's rule: a frame is slow when its similarity to the latest slow frame is below the
+    threshold, else fast; a NaN similarity (two black frames) is not below it: fast."""
+    return not similarity < threshold
+
+
 def slow_fast_trace(
     lowres_frames: Sequence[np.ndarray], preset: KeyePreset = DEFAULT_PRESET
 ) -> tuple[tuple[bool, ...], tuple[float, ...]]:
     """(is_fast, similarity) per frame. Frame 0 is slow (similarity reported as 1.0); each later
-    frame is compared with the latest slow frame and is fast when similarity >= threshold.
+    frame is compared with the latest slow frame (`is_fast_frame`).
 
     `lowres_frames` are uint8 RGB arrays already at `similarity_size` (all the same shape).
     """
@@ -363,7 +399,7 @@ def slow_fast_trace(
         vectors = patch_vectors(rgb_to_hsv(frame), preset.factor)
         sim = patch_similarity(key, vectors, preset.patch_cosine_threshold)
         sims.append(sim)
-        fast = sim >= preset.similarity_threshold
+        fast = is_fast_frame(sim, preset.similarity_threshold)
         is_fast.append(fast)
         if not fast:
             key = vectors
@@ -393,12 +429,14 @@ def video_cost(tokens_per_slow: int, n_slow: int, n_fast: int,
 
 
 def slow_token_cap(n_slow: int, n_fast: int, preset: KeyePreset = DEFAULT_PRESET) -> int:
-    """Per-slow-frame token cap chosen by binary search over `[video_min_tokens,
-    video_max_tokens]`.
+    """Per-slow-frame token cap of `keye-vl-utils`' binary search over `[video_min_tokens,
+    video_max_tokens]` (the release preset's rule).
 
     Exact rule (that of `keye-vl-utils` 1.5.2): the smallest `t` in `[min, max)` with
     `video_cost(t) > video_token_budget`, or `max` when no such `t` exists. `video_cost` is
-    non-decreasing in `t`, so the binary search finds it in O(log(max - min)) steps.
+    non-decreasing in `t`, so the binary search finds it in O(log(max - min)) steps. The result is
+    one step *over* the budget whenever the budget binds (e.g. 104 slow frames: 722 tokens, 75,088
+    of 75,000); `fitting_token_cap` is the rule that never is.
     """
     lo, hi = preset.video_min_tokens, preset.video_max_tokens
     while lo < hi:
@@ -420,16 +458,22 @@ class VideoSizes:
     fast: tuple[int, int]
     """(height, width) of fast frames."""
 
+    def total_tokens(self, n_slow: int, n_fast: int, factor: int = PIXELS_PER_TOKEN_SIDE) -> int:
+        """LLM tokens of `n_slow` slow and `n_fast` fast frames at these sizes."""
+        side2 = factor * factor
+        return (n_slow * (self.slow[0] * self.slow[1] // side2)
+                + n_fast * (self.fast[0] * self.fast[1] // side2))
 
-def video_frame_sizes(height: int, width: int, n_slow: int, n_fast: int,
-                      preset: KeyePreset = DEFAULT_PRESET) -> VideoSizes:
-    """Slow and fast frame sizes of a `height x width` video with `n_slow`/`n_fast` frames.
 
-    Slow frames: `smart_resize` with at most `slow_token_cap` tokens; fast frames: at most
-    `fast_tokens(realised slow tokens)` tokens; both at least `video_min_tokens`.
+def sizes_for_cap(height: int, width: int, cap: int,
+                  preset: KeyePreset = DEFAULT_PRESET) -> VideoSizes:
+    """Slow and fast sizes of a `height x width` video under a per-slow-frame cap of `cap` tokens.
+
+    Slow frames: `smart_resize` with at most `cap` tokens; fast frames: at most
+    `max(int(realised slow tokens * fast_token_ratio), video_min_tokens)` tokens; both at least
+    `video_min_tokens` (`smart_resize`'s lower bound).
     """
     px = preset.token_pixels
-    cap = slow_token_cap(n_slow, n_fast, preset)
     min_pixels = preset.video_min_tokens * px
     slow = smart_resize(height, width, factor=preset.factor, min_pixels=min_pixels,
                         max_pixels=cap * px, max_aspect_ratio=preset.max_aspect_ratio)
@@ -438,6 +482,76 @@ def video_frame_sizes(height: int, width: int, n_slow: int, n_fast: int,
     fast = smart_resize(height, width, factor=preset.factor, min_pixels=min_pixels,
                         max_pixels=fast_max, max_aspect_ratio=preset.max_aspect_ratio)
     return VideoSizes(slow_token_cap=cap, slow=slow, fast=fast)
+
+
+def _smart_resize_caps(height: int, width: int, factor: int, min_pixels: int,
+                      max_pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`smart_resize` of one size under many `max_pixels` at once (same float64 operations in
+    the same order, so the same results bit for bit; the aspect ratio is checked by the caller)."""
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    beta = np.sqrt((height * width) / max_pixels)
+    h_down = np.floor(height / beta / factor) * factor
+    w_down = np.floor(width / beta / factor) * factor
+    shrink = h_bar * w_bar > max_pixels  # the rounded size is over the cap: scale down
+    if h_bar * w_bar < min_pixels:  # under the floor (where not over the cap): scale up
+        up = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * up / factor) * factor
+        w_bar = math.ceil(width * up / factor) * factor
+    hs = np.where(shrink, h_down, h_bar).astype(np.int64)
+    ws = np.where(shrink, w_down, w_bar).astype(np.int64)
+    return np.maximum(hs, factor), np.maximum(ws, factor)
+
+
+def fitting_token_cap(height: int, width: int, n_slow: int, n_fast: int,
+                      preset: KeyePreset = PAPER_PRESET) -> int:
+    """The largest per-slow-frame cap `t` in `[video_min_tokens, video_max_tokens]` whose frames,
+    at the sizes `sizes_for_cap` gives them, total at most `video_token_budget` tokens.
+
+    The real sizes decide, not the `video_cost` estimate: a cap whose estimate is over the budget
+    still fits when `smart_resize` rounds the frames below it. The real total is not monotone in
+    `t` when a side is below 28 px (the 28-px floor can lift a frame above its cap), so instead of
+    a bisection every cap is evaluated, vectorised (721 caps, about 0.1 ms).
+
+    Raises:
+        ValueError: not even `video_min_tokens` fits (possible only far beyond the presets'
+            frame cap, or for sides below 28 px); the message names every number.
+    """
+    if max(height, width) / min(height, width) > preset.max_aspect_ratio:
+        smart_resize(height, width, min_pixels=1, max_pixels=1,
+                     max_aspect_ratio=preset.max_aspect_ratio)  # raises, naming the ratio
+    px, factor = preset.token_pixels, preset.factor
+    min_pixels = preset.video_min_tokens * px
+    caps = np.arange(preset.video_max_tokens, preset.video_min_tokens - 1, -1, dtype=np.int64)
+    sh, sw = _smart_resize_caps(height, width, factor, min_pixels, caps * px)
+    slow_tokens = sh * sw // px
+    fast_max = np.maximum((slow_tokens.astype(np.float64) * preset.fast_token_ratio)
+                          .astype(np.int64) * px, min_pixels)
+    fh, fw = _smart_resize_caps(height, width, factor, min_pixels, fast_max)
+    totals = n_slow * slow_tokens + n_fast * (fh * fw // px)
+    fits = np.flatnonzero(totals <= preset.video_token_budget)
+    if fits.size:
+        return int(caps[fits[0]])
+    low = sizes_for_cap(height, width, preset.video_min_tokens, preset)
+    raise ValueError(
+        f"preset {preset.name!r}: {n_slow} slow + {n_fast} fast frames of {height}x{width} need "
+        f"{low.total_tokens(n_slow, n_fast, preset.factor)} tokens at the smallest cap "
+        f"({preset.video_min_tokens} tokens per slow frame: {low.slow[0]}x{low.slow[1]} slow, "
+        f"{low.fast[0]}x{low.fast[1]} fast), over the budget of {preset.video_token_budget}")
+
+
+def video_frame_sizes(height: int, width: int, n_slow: int, n_fast: int,
+                      preset: KeyePreset = DEFAULT_PRESET) -> VideoSizes:
+    """Slow and fast frame sizes of a `height x width` video with `n_slow`/`n_fast` frames.
+
+    The per-slow-frame cap comes from the preset's `budget_search` (`slow_token_cap` for
+    "keye-vl-utils", `fitting_token_cap` for "largest-fit"); sizes follow `sizes_for_cap`.
+    """
+    if preset.budget_search == "largest-fit":
+        cap = fitting_token_cap(height, width, n_slow, n_fast, preset)
+    else:
+        cap = slow_token_cap(n_slow, n_fast, preset)
+    return sizes_for_cap(height, width, cap, preset)
 
 
 def allocate_frame_sizes(
@@ -493,7 +607,7 @@ class FramePrompt:
     """The special-token layout of one video frame in the LLM prompt."""
 
     timestamp: str
-    """Absolute timestamp, formatted "%.1f" (seconds)."""
+    """Absolute timestamp, formatted "%.1f" (seconds) from its float32 value."""
     is_fast: bool
     num_pad_tokens: int
     """Number of `<|video_pad|>` tokens: the frame's LLM tokens (h * w / 28^2)."""
@@ -517,6 +631,6 @@ def video_prompt_tokens(plan: FramePlan) -> tuple[FramePrompt, ...]:
     The tokenizer lives elsewhere; `"".join(p for f in layout for p in f.pieces())` is the text.
     """
     return tuple(
-        FramePrompt(timestamp=f"{ts:.1f}", is_fast=fast, num_pad_tokens=tok)
+        FramePrompt(timestamp=format_timestamp(ts), is_fast=fast, num_pad_tokens=tok)
         for ts, fast, tok in zip(plan.timestamps, plan.is_fast, plan.tokens, strict=True)
     )

@@ -4,7 +4,9 @@
 waits until the daemon has written its port, and returns a `ServerProcess`; `stop()` sends SIGTERM
 and waits, `kill()` sends SIGKILL to the daemon alone (its workers notice and exit), and leaving
 the context manager kills whatever of the group is left. The daemon's stdout and stderr go to a
-log file, `ServerProcess.log_path`.
+log file, `ServerProcess.log_path`. The daemon runs in its own session (a signal to the caller's
+process group does not reach it) and shuts down when the process that started it dies, even by
+SIGKILL (``--exit-with-parent``); its workers follow it.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def start_server(roots: Sequence[str], *, workers: int = 1, args: Sequence[str] 
     os.unlink(port_file)
     log_path = os.path.join(log_dir, f"server-{os.path.basename(port_file)}.log")
     cmd = [sys.executable, "-m", "io_server", "--port", "0", "--port-file", port_file,
-           "--workers", str(workers)]
+           "--workers", str(workers), "--exit-with-parent", str(os.getpid())]
     for root in roots:
         cmd += ["--root", root]
     cmd += list(args)

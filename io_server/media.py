@@ -5,7 +5,8 @@ A media item is one image or one video file. Processing it follows Keye-VL-1.5: 
 classify them as slow or fast, pick each frame's resized size (multiples of 28 px; one LLM token
 covers 28 x 28 px), then decode and resize. `FramePlan` is everything but the pixels (what `Probe`
 returns and what a dataset index stores); `DecodedMedia` adds the uint8 pixels of a range of the
-sampled frames (what `Decode` returns).
+sampled frames (what `Decode` returns): RGB arrays, or `Yuv420Frame` planes when a caller asked to
+keep the YUV 4:2:0 wire format (`io_server.yuv` converts them).
 
 Invariants:
 - all per-frame tuples of a `FramePlan` have length `num_frames`;
@@ -70,18 +71,68 @@ class FramePlan:
         return sum(self.is_fast)
 
 
+COLOR_MATRICES: dict[str, tuple[float, float]] = {
+    "bt601": (0.299, 0.114),
+    "bt709": (0.2126, 0.0722),
+    "bt2020": (0.2627, 0.0593),
+    "smpte240m": (0.212, 0.087),
+    "fcc": (0.30, 0.11),
+}
+"""YCbCr matrix name -> (Kr, Kb) luma weights of red and blue (Kg = 1 - Kr - Kb)."""
+
+
+@dataclass(frozen=True)
+class Yuv420Frame:
+    """One frame as 8-bit YUV 4:2:0 planes (what the YUV wire format carries).
+
+    `y` is (H, W) uint8, `u` and `v` are (H/2, W/2) uint8 (H and W even); `matrix` names the YCbCr
+    matrix (`COLOR_MATRICES`) and `full_range` says whether Y spans 0..255 (JPEG) rather than
+    16..235 (MPEG). `io_server.yuv.yuv420_to_rgb` turns it into the RGB frame.
+    """
+
+    y: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+    matrix: str = "bt601"
+    full_range: bool = False
+
+    def __post_init__(self) -> None:
+        h, w = self.y.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"YUV 4:2:0 needs even sides, got {h}x{w}")
+        for name, plane in (("u", self.u), ("v", self.v)):
+            if plane.shape != (h // 2, w // 2):
+                raise ValueError(f"{name} plane is {plane.shape}, expected {(h // 2, w // 2)} "
+                                 f"for a {h}x{w} frame")
+        if any(p.dtype != np.uint8 for p in (self.y, self.u, self.v)):
+            raise ValueError("YUV planes must be uint8")
+        if self.matrix not in COLOR_MATRICES:
+            raise ValueError(f"unknown colour matrix {self.matrix!r}; known: "
+                             f"{sorted(COLOR_MATRICES)}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(H, W, 3): the shape of the RGB frame it stands for."""
+        return (self.y.shape[0], self.y.shape[1], 3)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the three planes: H * W * 3 / 2, half of RGB."""
+        return self.y.nbytes + self.u.nbytes + self.v.nbytes
+
+
 @dataclass(frozen=True)
 class DecodedMedia:
     """Pixels of sampled frames `[frame_start, frame_stop)` of `plan`.
 
     `frames[i]` is the uint8 RGB array of shape `(plan.heights[j], plan.widths[j], 3)` for
-    `j = frame_start + i`.
+    `j = frame_start + i`, or its `Yuv420Frame` when the caller asked to keep YUV planes.
     """
 
     plan: FramePlan
     frame_start: int
     frame_stop: int
-    frames: tuple[np.ndarray, ...]
+    frames: tuple[np.ndarray | Yuv420Frame, ...]
 
 
 class MediaError(Exception):

@@ -2,16 +2,25 @@
 processes.
 
 Request path: a handler thread admits the request (at most `max_in_flight` at once, beyond that
-RESOURCE_EXHAUSTED at once: no queue grows without bound), resolves the path inside the allowed
-roots, looks the frame plan up in a cache keyed by (real path, mtime, size, preset), and hands the
-job to a worker *process* (decoding never contends for the GIL). The worker decodes, resizes and
-zstd-compresses; the main process only splits the bytes into messages below gRPC's limit and
-forwards them.
+RESOURCE_EXHAUSTED at once: no queue grows without bound; the client waits and retries), checks
+the path (no control characters, at most `max_path_bytes`: before anything touches the
+filesystem), resolves it inside the allowed roots, looks the frame plan up in a cache keyed by
+(real path, mtime, size, preset, resize), and hands the job to a worker *process* (decoding never
+contends for the GIL). The worker decodes, resizes and zstd-compresses; the main process only
+splits the bytes into messages below gRPC's limit and forwards them.
+
+Admission is the only concurrency limit: gRPC's own cap (`maximum_concurrent_rpcs`) is off,
+because its refusals never reach the servicer and so could not be counted in `Stats.rejected`. A
+refusal takes microseconds on one of the `_EXTRA_RPC_THREADS` handler threads kept free of
+decoding, which also keep health checks and Stats answering under any load.
 
 Status codes (see io_server.proto): NOT_FOUND, INVALID_ARGUMENT (corrupt media, impossible range,
-unknown preset), PERMISSION_DENIED (outside the roots, also via `..` or symlinks),
-RESOURCE_EXHAUSTED (over `max_in_flight`), UNAVAILABLE (shutting down; worker pool crashed),
-INTERNAL (a bug). One log line per error, naming the file and the reason.
+unknown preset, bad or overlong path, symlink loop, frame over `max_pixels`, out of worker
+memory), PERMISSION_DENIED (outside the roots, also via `..` or symlinks), RESOURCE_EXHAUSTED
+(over `max_in_flight`), UNAVAILABLE (shutting down; worker pool crashed), INTERNAL (a bug). One
+log line per error, naming the file and the reason; client text in logs, status details and
+trailers is escaped to printable ASCII and shortened (`paths.display`), so it can neither forge
+log lines nor make gRPC reject the reply.
 
 Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING and new Decode/Probe calls are refused with
 UNAVAILABLE, in-flight requests finish (up to `grace_s`), then the process exits 0.
@@ -35,13 +44,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from io_server import keye, wire
+from io_server import keye, paths, resize, wire
+from io_server.backends import DEFAULT_MAX_PIXELS
 from io_server.media import (
     AccessDeniedError,
     FramePlan,
     InvalidRequestError,
     MediaError,
-    MediaNotFoundError,
 )
 from io_server.proto import io_server_pb2 as pb2
 from io_server.proto import io_server_pb2_grpc as pb2_grpc
@@ -51,12 +60,13 @@ from io_server.worker import (
     DecodeOutcome,
     JobError,
     PlanCache,
+    ProbeJob,
     ProbeOutcome,
     init_worker,
     ping,
     run_decode,
+    run_probe,
 )
-from io_server.worker import run_probe as worker_probe
 
 log = logging.getLogger("io_server")
 
@@ -65,6 +75,11 @@ SERVICE_NAME = "io_server.v1.IOServer"
 
 _EXTRA_RPC_THREADS = 8
 """Handler threads beyond `max_in_flight`, so Stats/health and refusals never wait."""
+
+MIN_WORKER_MEMORY_MB = 512
+"""A worker needs about 250 MiB of data segment for its imports (torch, FFmpeg, gRPC)."""
+MAX_NAME_CHARS = 64
+"""Longest preset or resize name a request may carry (the known ones are a few characters)."""
 
 _WAIT_POLL_S = 0.25
 
@@ -96,9 +111,17 @@ class ServerConfig:
     grace_s: float = 30.0
     """How long in-flight requests may take to finish after SIGTERM."""
     plan_cache_size: int = 4096
-    """Frame plans remembered (LRU), keyed by (real path, mtime, size, preset)."""
+    """Frame plans remembered (LRU), keyed by (real path, mtime, size, preset, resize)."""
     port_file: str | None = None
     """If set, the chosen port is written there (atomically) once the server is serving."""
+    resize: str = resize.DEFAULT_RESIZE
+    """Pixel path for requests that name none: "exact" (Keye's processor) or "fast" (FFmpeg)."""
+    max_path_bytes: int = paths.MAX_PATH_BYTES
+    """Longest request path in bytes; longer ones are refused before touching the filesystem."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Largest source frame (width x height) decoded; larger ones are refused before decoding."""
+    worker_memory_mb: int = 4096
+    """Data-segment limit of each worker process in MiB (RLIMIT_DATA); 0 = unlimited."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -121,6 +144,16 @@ class ServerConfig:
             raise ValueError(f"grace_s({self.grace_s}) must be >= 0")
         if self.plan_cache_size < 0:
             raise ValueError(f"plan_cache_size({self.plan_cache_size}) must be >= 0")
+        if self.resize not in resize.RESIZE_MODES:
+            raise ValueError(f"resize {self.resize!r} is not one of {list(resize.RESIZE_MODES)}")
+        if not 1 <= self.max_path_bytes <= paths.MAX_PATH_BYTES:
+            raise ValueError(f"max_path_bytes({self.max_path_bytes}) must be in "
+                             f"[1, {paths.MAX_PATH_BYTES}] (Linux's PATH_MAX minus its NUL)")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels({self.max_pixels}) must be >= 1")
+        if self.worker_memory_mb and self.worker_memory_mb < MIN_WORKER_MEMORY_MB:
+            raise ValueError(f"worker_memory_mb({self.worker_memory_mb}) must be 0 (unlimited) or "
+                             f">= {MIN_WORKER_MEMORY_MB}: a worker's imports alone take ~250 MiB")
         for root in self.roots:
             if not os.path.isdir(root):
                 raise ValueError(f"root {root!r} is not a directory")
@@ -137,39 +170,44 @@ class ServerConfig:
 class PathGuard:
     """Maps a requested path to a real file inside the allowed roots.
 
-    Relative paths are taken relative to the first root. The path is resolved with `realpath`
-    (so `..` and symlinks are followed) *before* the containment check, and workers open the
-    resolved path. Someone who can write inside a root could still swap a directory for a
-    symlink between the check and the open; roots should not be writable by untrusted users.
+    The path is first checked without touching the filesystem (`paths.check_path`: no control
+    characters, at most `max_path_bytes`), so resolving it costs little. Relative paths are taken
+    relative to the first root. The path is resolved with `realpath` (so `..` and symlinks are
+    followed) *before* the containment check, and workers open the resolved path. Someone who can
+    write inside a root could still swap a directory for a symlink between the check and the
+    open; roots should not be writable by untrusted users.
     """
 
-    def __init__(self, roots: tuple[str, ...]) -> None:
+    def __init__(self, roots: tuple[str, ...], max_path_bytes: int = paths.MAX_PATH_BYTES) -> None:
         if not roots:
             raise ValueError("PathGuard needs at least one root")
         self.roots = tuple(os.path.realpath(r) for r in roots)
         self._prefixes = tuple(r if r.endswith(os.sep) else r + os.sep for r in self.roots)
+        self.max_path_bytes = max_path_bytes
 
-    def resolve(self, path: str) -> str:
-        """The real path of `path`.
+    def resolve(self, path: str) -> tuple[str, os.stat_result]:
+        """The real path of `path` and its `stat`.
 
         Raises:
-            InvalidRequestError: empty path or NUL byte.
+            InvalidRequestError: empty path, control characters, over `max_path_bytes`, a
+                component over NAME_MAX, a symlink loop, not a regular file.
             AccessDeniedError: resolves outside every root.
-            MediaNotFoundError: inside a root but missing (or not a regular file).
+            MediaNotFoundError: inside a root but missing.
         """
-        if not path or "\x00" in path:
-            raise InvalidRequestError(path, "path is empty or contains a NUL byte")
+        paths.check_path(path, self.max_path_bytes)
         joined = path if os.path.isabs(path) else os.path.join(self.roots[0], path)
         real = os.path.realpath(joined)
         if not any(real == r or real.startswith(p) for r, p in zip(self.roots, self._prefixes,
                                                                    strict=True)):
             raise AccessDeniedError(
-                path, f"resolves to {real}, outside the allowed roots {list(self.roots)}")
-        if not os.path.exists(real):
-            raise MediaNotFoundError(path, "no such file")
-        if not os.path.isfile(real):
-            raise MediaNotFoundError(path, f"{real} is not a regular file")
-        return real
+                path, f"resolves to {paths.display(real)}, outside the allowed roots "
+                      f"{list(self.roots)}")
+        try:
+            # A loop is left unresolved by realpath: stat names it (ELOOP).
+            st = paths.check_file(real)
+        except MediaError as err:
+            raise type(err)(path, err.reason) from None
+        return real, st
 
 
 class Admission:
@@ -249,8 +287,9 @@ class WorkerPool:
     is rebuilt so the server keeps serving, and the jobs that were running fail with UNAVAILABLE.
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, memory_bytes: int = 0, torch_threads: int = 1) -> None:
         self._workers = workers
+        self._initargs = (os.getpid(), memory_bytes, torch_threads)
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._generation = 0
@@ -259,7 +298,7 @@ class WorkerPool:
     def _new_executor(self) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
             max_workers=self._workers, mp_context=self._ctx, initializer=init_worker,
-            initargs=(os.getpid(),))
+            initargs=self._initargs)
 
     def start(self) -> list[int]:
         """Starts every worker process now (imports included); returns their pids."""
@@ -336,31 +375,55 @@ class IOServicer(pb2_grpc.IOServerServicer):
         self._counters.add(rejected=1)
         if result == grpc.StatusCode.UNAVAILABLE:
             raise _Failure(result, path, "server is shutting down; retry on another server")
-        raise _Failure(result, path, f"{self.admission.limit} requests already in flight "
-                                     "(--max-in-flight); retry later or on another server")
+        reason = (f"{self.admission.limit} requests already in flight (--max-in-flight): busy, "
+                  "wait and retry (or use another server)")
+        raise _Failure(result, path, reason, wire.busy_status(path, reason))
+
+    def _check_request(self, path: str, preset: str, mode: str) -> None:
+        """The checks that touch nothing (path text, names): before admission, so a hostile
+        request is refused for what it is and never holds an in-flight slot."""
+        try:
+            paths.check_path(path, self._config.max_path_bytes)
+            self._preset(path, preset)
+            self._resize(path, mode)
+        except MediaError as err:
+            raise _Failure.from_media_error(err) from None
 
     def _abort(self, method: str, context: grpc.ServicerContext, failure: _Failure) -> None:
-        """Logs one line, counts the error and ends the RPC with `failure` (raises)."""
+        """Logs one line, counts the error and ends the RPC with `failure` (raises). Client text
+        is shown escaped and shortened (`paths.display`)."""
         self._counters.add_error(failure.code.name)
-        log.warning("%s %s -> %s: %s", method, failure.path, failure.code.name, failure.reason)
+        path = paths.display(failure.path)
+        reason = paths.display(failure.reason, wire.META_REASON_CHARS)
+        if failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            log.debug("%s %s -> %s: %s", method, path, failure.code.name, reason)
+        else:
+            log.warning("%s %s -> %s: %s", method, path, failure.code.name, reason)
         if failure.metadata:
             context.set_trailing_metadata(failure.metadata)
-        context.abort(failure.code, f"{failure.path}: {failure.reason}")
+        context.abort(failure.code, f"{path}: {reason}")
 
     def _preset(self, path: str, name: str) -> keye.KeyePreset:
         try:
             return keye.get_preset(name or self._config.preset)
-        except ValueError as exc:
-            raise InvalidRequestError(path, str(exc)) from None
+        except ValueError:
+            raise InvalidRequestError(
+                path, f"unknown Keye preset {paths.display(name, MAX_NAME_CHARS)!r} "
+                      f"({len(name)} characters); known: {sorted(keye.PRESETS)}") from None
 
-    def _locate(self, path: str, preset: keye.KeyePreset) -> tuple[str, tuple[Any, ...], int]:
+    def _resize(self, path: str, name: str) -> str:
+        mode = name or self._config.resize
+        if mode not in resize.RESIZE_MODES:
+            raise InvalidRequestError(
+                path, f"unknown resize mode {paths.display(mode, MAX_NAME_CHARS)!r} "
+                      f"({len(mode)} characters); known: {list(resize.RESIZE_MODES)}")
+        return mode
+
+    def _locate(self, path: str, preset: keye.KeyePreset,
+                mode: str) -> tuple[str, tuple[Any, ...], int]:
         """(real path, plan-cache key, file size)."""
-        real = self._guard.resolve(path)
-        try:
-            st = os.stat(real)
-        except FileNotFoundError:
-            raise MediaNotFoundError(path, "no such file") from None
-        return real, (real, st.st_mtime_ns, st.st_size, preset.name), st.st_size
+        real, st = self._guard.resolve(path)
+        return real, (real, st.st_mtime_ns, st.st_size, preset.name, mode), st.st_size
 
     def _cached_plan(self, key: tuple[Any, ...]) -> FramePlan | None:
         plan = self._plans.get(key)
@@ -400,6 +463,7 @@ class IOServicer(pb2_grpc.IOServerServicer):
         path = request.path
         self._counters.add(requests=1, decode_requests=1, bytes_in=request.ByteSize())
         try:
+            self._check_request(path, request.preset, request.resize)
             ticket = self._admit(path)
         except _Failure as failure:
             self._abort("Decode", context, failure)
@@ -422,10 +486,20 @@ class IOServicer(pb2_grpc.IOServerServicer):
         if request.compression not in wire.COMPRESSIONS.values():
             raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, path,
                            f"unknown compression {request.compression}")
+        if request.pixel_format not in wire.PIXEL_FORMATS.values():
+            raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, path,
+                           f"unknown pixel format {request.pixel_format}")
+        keep_yuv = request.pixel_format == pb2.PIXEL_FORMAT_YUV420P
         try:
             wire.check_frame_range(path, request.frame_start, frame_stop)
             preset = self._preset(path, request.preset)
-            real, key, size = self._locate(path, preset)
+            mode = self._resize(path, request.resize)
+            if keep_yuv and mode == "exact":
+                raise InvalidRequestError(
+                    path, "pixel format YUV420P carries the fast path's planes; resize 'exact' "
+                          "makes RGB frames that 4:2:0 cannot carry without losing colour "
+                          "resolution: ask for resize 'fast' or for RGB24")
+            real, key, size = self._locate(path, preset, mode)
             plan = self._cached_plan(key)
             if plan is not None:
                 wire.check_frame_range(path, request.frame_start, frame_stop, plan.num_frames)
@@ -434,7 +508,8 @@ class IOServicer(pb2_grpc.IOServerServicer):
         job = DecodeJob(backend=self._config.backend,
                         decoder_threads=self._config.decoder_threads, path=real, preset=preset,
                         frame_start=request.frame_start, frame_stop=frame_stop, plan=plan,
-                        compression=request.compression, zstd_level=self._config.zstd_level)
+                        compression=request.compression, zstd_level=self._config.zstd_level,
+                        resize=mode, keep_yuv=keep_yuv, max_pixels=self._config.max_pixels)
         future, generation = self._pool.submit(run_decode, job)
         ticket.hold_until_done(future)
         result = self._wait(future, generation, path, context)
@@ -455,12 +530,13 @@ class IOServicer(pb2_grpc.IOServerServicer):
         yield pb2.DecodeChunk(
             plan=wire.plan_to_proto(plan, path=request.path),
             preset=request.preset or self._config.preset,
+            resize=request.resize or self._config.resize,
             frame_start=outcome.frame_start, frame_stop=outcome.frame_stop)
         step = self._config.chunk_bytes
         for offset, frame in enumerate(outcome.frames):
             index = outcome.frame_start + offset
             data = frame.data
-            info = wire.frame_info(plan, index, len(data), request.compression)
+            info = wire.frame_info(plan, index, frame, request.compression)
             pieces = range(0, max(len(data), 1), step)
             for i, start in enumerate(pieces):
                 yield pb2.DecodeChunk(
@@ -475,18 +551,22 @@ class IOServicer(pb2_grpc.IOServerServicer):
         path = request.path
         self._counters.add(requests=1, probe_requests=1, bytes_in=request.ByteSize())
         try:
+            self._check_request(path, request.preset, request.resize)
             ticket = self._admit(path)
             if not context.add_callback(ticket.release):
                 ticket.release()
             try:
                 preset = self._preset(path, request.preset)
-                real, key, _size = self._locate(path, preset)
+                mode = self._resize(path, request.resize)
+                real, key, _size = self._locate(path, preset, mode)
             except MediaError as err:
                 raise _Failure.from_media_error(err) from None
             plan = self._cached_plan(key)
             if plan is None:
-                future, generation = self._pool.submit(worker_probe, self._config.backend,
-                                                       self._config.decoder_threads, real, preset)
+                job = ProbeJob(backend=self._config.backend,
+                               decoder_threads=self._config.decoder_threads, path=real,
+                               preset=preset, resize=mode, max_pixels=self._config.max_pixels)
+                future, generation = self._pool.submit(run_probe, job)
                 ticket.hold_until_done(future)
                 result = self._wait(future, generation, path, context)
                 if result is None:
@@ -500,7 +580,8 @@ class IOServicer(pb2_grpc.IOServerServicer):
         except _Failure as failure:
             self._abort("Probe", context, failure)
             raise AssertionError("unreachable: context.abort raises") from None
-        return pb2.ProbeReply(plan=wire.plan_to_proto(plan, path=path), preset=preset.name)
+        return pb2.ProbeReply(plan=wire.plan_to_proto(plan, path=path), preset=preset.name,
+                              resize=mode)
 
     def Stats(self, request: pb2.StatsRequest,  # noqa: N802
               context: grpc.ServicerContext) -> pb2.StatsReply:
@@ -518,7 +599,9 @@ class IOServicer(pb2_grpc.IOServerServicer):
             workers=self._config.workers, plan_cache_hits=snap.plan_cache_hits,
             plan_cache_misses=snap.plan_cache_misses, serving=not self.admission.draining,
             gpu_available=bool(gpus), gpu_unavailable_reason=reason,
-            gpus=[pb2.GpuStats(**g.__dict__) for g in gpus])
+            gpus=[pb2.GpuStats(**g.__dict__) for g in gpus], resize=self._config.resize,
+            max_pixels=self._config.max_pixels, max_path_bytes=self._config.max_path_bytes,
+            worker_memory_bytes=self._config.worker_memory_mb << 20)
 
 
 
@@ -551,12 +634,14 @@ def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
     if not roots:
         roots = (os.getcwd(),)
         log.info("no --root given: serving files under the working directory %s", roots[0])
-    guard = PathGuard(roots)
+    guard = PathGuard(roots, config.max_path_bytes)
     limit = config.in_flight_limit
     if not config.max_in_flight:
         log.info("max in-flight requests = 4 x workers(%d) = %d", config.workers, limit)
 
-    pool = WorkerPool(config.workers)  # processes start in pool.start(), once the port is bound
+    # Processes start in pool.start(), once the port is bound.
+    pool = WorkerPool(config.workers, memory_bytes=config.worker_memory_mb << 20,
+                      torch_threads=max(config.decoder_threads, 1))
     counters = ServerCounters()
     gpu = GpuMonitor()
     servicer = IOServicer(config, guard, pool, counters, gpu)
@@ -564,10 +649,10 @@ def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
         experimental_non_blocking=True,
         experimental_thread_pool=concurrent.futures.ThreadPoolExecutor(max_workers=1))
     rpc_threads = limit + _EXTRA_RPC_THREADS
+    # No maximum_concurrent_rpcs: Admission is the one limit, so every refusal is counted.
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=rpc_threads,
                                               thread_name_prefix="io-server-rpc"),
-        maximum_concurrent_rpcs=limit + 8 * _EXTRA_RPC_THREADS,
         options=[("grpc.so_reuseport", 0)],
     )
     pb2_grpc.add_IOServerServicer_to_server(servicer, server)
@@ -595,8 +680,10 @@ def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
             health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         address = format_address(config.host, port)
         log.info("serving on %s: %d worker processes %s, max %d in flight, roots %s, preset %s, "
-                 "zstd level %d", address, config.workers, pids, limit, list(guard.roots),
-                 config.preset, config.zstd_level)
+                 "resize %s, zstd level %d, max path %d bytes, max %d pixels, worker memory %s",
+                 address, config.workers, pids, limit, list(guard.roots), config.preset,
+                 config.resize, config.zstd_level, config.max_path_bytes, config.max_pixels,
+                 f"{config.worker_memory_mb} MiB" if config.worker_memory_mb else "unlimited")
         if config.port_file:
             _write_port_file(config.port_file, port)
         print(f"io-server listening on {address}", flush=True)

@@ -12,9 +12,13 @@ small light square that moves fast. Within a scene consecutive frames are near-i
 layout (so the first sampled frame of each scene is "slow"). `SyntheticVideo.scene_starts`
 records where the cuts are.
 
+Options add what real footage has and the pixel tests need: a fade to black (`fade_out`, whose
+black frames make Keye's similarity NaN), per-frame noise (`noise`), and odd frame sizes (with
+`pix_fmt="yuv444p"`, which has no chroma subsampling and so no even-size rule).
+
 Containers follow the file suffix (`.mp4`, `.mkv`, `.webm`, ...); codecs are
 `"h264"` (libx264, preset ultrafast), `"hevc"` (libx265, preset ultrafast) and `"vp9"` (libvpx-vp9,
-realtime), all 8-bit yuv420p.
+realtime), 8-bit yuv420p by default.
 
 Example:
     >>> v = write_video("/tmp/a.mp4", width=320, height=240, seconds=4, fps=10, seed=1)
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -186,6 +192,9 @@ def write_video(
     scene_cuts: Sequence[float] | None = None,
     motion: float = 0.01,
     gop: int | None = None,
+    fade_out: tuple[float, float] | None = None,
+    noise: float = 0.0,
+    pix_fmt: str = "yuv420p",
 ) -> SyntheticVideo:
     """Write a deterministic test video and return what was written.
 
@@ -199,14 +208,26 @@ def write_video(
             2 s. Times outside (0, seconds) are ignored.
         motion: pan speed of the mosaic, as a fraction of the short side per second.
         gop: maximum keyframe interval in frames (`None`: the encoder's default, 250 for x264).
+        fade_out: (start, end) in seconds: the picture darkens linearly from `start` and is
+            black (all zeros) from `end` on.
+        noise: standard deviation of seeded Gaussian noise added to every pixel of every frame
+            (uint8 levels; 0 = none).
+        pix_fmt: "yuv420p" (even sides only) or "yuv444p" (any sides, H.264/HEVC).
 
     Returns:
         `SyntheticVideo` with the frame count and the source frame index where each scene starts.
     """
     if codec not in CODECS:
         raise ValueError(f"codec {codec!r} is not one of {sorted(CODECS)}")
-    if width < 16 or height < 16 or width % 2 or height % 2:
-        raise ValueError(f"width({width}) and height({height}) must be even and >= 16")
+    if pix_fmt not in ("yuv420p", "yuv444p"):
+        raise ValueError(f"pix_fmt {pix_fmt!r} is not 'yuv420p' or 'yuv444p'")
+    if width < 16 or height < 16 or (pix_fmt == "yuv420p" and (width % 2 or height % 2)):
+        raise ValueError(f"width({width}) and height({height}) must be >= 16 (and even for "
+                         f"yuv420p)")
+    if fade_out is not None and not 0 <= fade_out[0] < fade_out[1]:
+        raise ValueError(f"fade_out {fade_out} must be (start, end) with 0 <= start < end")
+    if noise < 0:
+        raise ValueError(f"noise({noise}) must be >= 0")
     num_frames = int(round(seconds * fps))
     if num_frames < 1:
         raise ValueError(f"seconds({seconds}) * fps({fps}) gives no frame")
@@ -225,16 +246,24 @@ def write_video(
         stream = container.add_stream(encoder, rate=rate, options=dict(options))
         stream.width = width
         stream.height = height
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         stream.codec_context.time_base = 1 / rate
         if gop is not None:
             stream.codec_context.gop_size = gop
+        noise_rng = np.random.default_rng([seed, 1])
         scene = -1
         for i in range(num_frames):
             while scene + 1 < len(starts) and starts[scene + 1] <= i:
                 scene += 1
             t = (i - starts[scene]) / fps
-            frame = av.VideoFrame.from_ndarray(_render(scenes[scene], width, height, t), "rgb24")
+            pixels = _render(scenes[scene], width, height, t)
+            if noise > 0:
+                jitter = noise_rng.normal(0.0, noise, size=pixels.shape)
+                pixels = np.clip(np.rint(pixels + jitter), 0, 255).astype(np.uint8)
+            if fade_out is not None and i / fps > fade_out[0]:
+                gain = max(0.0, 1.0 - (i / fps - fade_out[0]) / (fade_out[1] - fade_out[0]))
+                pixels = np.rint(pixels * gain).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, "rgb24")
             frame.pts = i
             frame.time_base = 1 / rate
             container.mux(stream.encode(frame))
@@ -308,3 +337,34 @@ def write_corrupted(src: str | os.PathLike[str], dst: str | os.PathLike[str], se
     with open(dst, "wb") as f:
         f.write(bytes(data))
     return os.fspath(dst)
+
+
+def write_png_zeros(path: str | os.PathLike[str], width: int, height: int, *, bit_depth: int = 8,
+                    color_type: int = 2, rows: int | None = None) -> str:
+    """Write a PNG of all-zero pixels declaring `width` x `height` (an image bomb when large: a
+    16000 x 16000 RGB file is about 750 KB and decodes to 768 MB).
+
+    Args:
+        bit_depth: 8 or 16 bits per sample.
+        color_type: 2 (RGB) or 6 (RGBA).
+        rows: how many rows to actually encode (default: all). Fewer rows make a tiny file whose
+            header still declares the full size (decoding it fails after the header).
+    """
+    if color_type not in (2, 6) or bit_depth not in (8, 16):
+        raise ValueError(f"color_type({color_type}) must be 2 or 6 and bit_depth({bit_depth}) "
+                         "8 or 16")
+    samples = 3 if color_type == 2 else 4
+    row = b"\x00" * (1 + width * samples * bit_depth // 8)  # filter byte 0, then the samples
+    compressor = zlib.compressobj(1)
+    data = [compressor.compress(row) for _ in range(height if rows is None else rows)]
+    data.append(compressor.flush())
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(data))
+                + chunk(b"IEND", b""))
+    return os.fspath(path)

@@ -1,9 +1,10 @@
 """What travels between the I/O server and its clients, in both directions.
 
 One job: convert between the Python contracts of `io_server.media` and the messages of
-`io_server/proto/io_server.proto` — frame plans, zstd-encoded frames, errors (a `MediaError`
-subclass <-> a gRPC status code plus trailing metadata naming the class, the file and the
-reason), and the frame-range check both the daemon and the in-process path apply.
+`io_server/proto/io_server.proto` — frame plans, zstd-encoded frames (RGB arrays or YUV 4:2:0
+planes), errors (a `MediaError` subclass <-> a gRPC status code plus trailing metadata naming the
+class, the file and the reason, all escaped to printable ASCII and bounded in length, whatever the
+client sent), and the frame-range check both the daemon and the in-process path apply.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import grpc
 import numpy as np
 import zstandard
 
+from io_server import paths, yuv
 from io_server.media import (
     PIXELS_PER_TOKEN_SIDE,
     AccessDeniedError,
@@ -24,6 +26,7 @@ from io_server.media import (
     MediaError,
     MediaKind,
     MediaNotFoundError,
+    Yuv420Frame,
 )
 from io_server.proto import io_server_pb2 as pb2
 
@@ -48,12 +51,22 @@ _ERRORS_BY_CODE: dict[grpc.StatusCode, type[MediaError]] = {
 META_TYPE = "io-error-type"
 META_PATH = "io-error-path"
 META_REASON = "io-error-reason"
+BUSY_TYPE = "ServerBusy"
+"""`META_TYPE` of a RESOURCE_EXHAUSTED refusal: the server is at --max-in-flight."""
+META_PATH_CHARS = 300
+"""Longest `io-error-path` value (client paths are shown shortened)."""
+META_REASON_CHARS = 1000
+"""Longest `io-error-reason` value; status details are bounded the same way."""
 
 _KIND_TO_PB = {MediaKind.IMAGE: pb2.MEDIA_KIND_IMAGE, MediaKind.VIDEO: pb2.MEDIA_KIND_VIDEO}
 _KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
 
 COMPRESSIONS: dict[str, int] = {"zstd": pb2.COMPRESSION_ZSTD, "none": pb2.COMPRESSION_NONE}
 """Compression name (client argument, `--compression`) -> proto enum value."""
+
+PIXEL_FORMATS: dict[str, int] = {"rgb24": pb2.PIXEL_FORMAT_RGB24,
+                                 "yuv420p": pb2.PIXEL_FORMAT_YUV420P}
+"""Pixel format name (client argument) -> proto enum value."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,8 +111,9 @@ def plan_from_proto(msg: pb2.FramePlan) -> FramePlan:
     )
 
 
-def frame_info(plan: FramePlan, index: int, encoded_size: int, compression: int) -> pb2.FrameInfo:
-    """Header of sampled frame `index` of `plan` (uint8 RGB, HxWx3)."""
+def frame_info(plan: FramePlan, index: int, frame: EncodedFrame,
+               compression: int) -> pb2.FrameInfo:
+    """Header of sampled frame `index` of `plan`, carried as `frame`."""
     h, w = plan.heights[index], plan.widths[index]
     side = PIXELS_PER_TOKEN_SIDE
     return pb2.FrameInfo(
@@ -111,9 +125,12 @@ def frame_info(plan: FramePlan, index: int, encoded_size: int, compression: int)
         grid_h=h // side,
         grid_w=w // side,
         tokens=(h // side) * (w // side),
-        raw_size=h * w * 3,
-        encoded_size=encoded_size,
+        raw_size=frame.raw_size,
+        encoded_size=len(frame.data),
         compression=compression,
+        pixel_format=frame.pixel_format,
+        color_matrix=frame.matrix,
+        full_range=frame.full_range,
     )
 
 
@@ -158,63 +175,89 @@ def check_frame_range(path: str, frame_start: int, frame_stop: int | None,
 
 @dataclass(frozen=True)
 class EncodedFrame:
-    """One sampled frame as it travels: `data` is zstd (or raw) bytes of HxWx3 uint8."""
+    """One sampled frame as it travels: `data` is zstd (or raw) bytes of H x W x 3 uint8 RGB, or
+    of the Y, U, V planes (`pixel_format` YUV420P, with their matrix and range)."""
 
     height: int
     width: int
     data: bytes
+    pixel_format: int = pb2.PIXEL_FORMAT_RGB24
+    matrix: str = ""
+    full_range: bool = False
 
     @property
     def raw_size(self) -> int:
+        if self.pixel_format == pb2.PIXEL_FORMAT_YUV420P:
+            return self.height * self.width * 3 // 2
         return self.height * self.width * 3
 
 
-def encode_frames(frames: Sequence[np.ndarray], compression: int,
+def encode_frames(frames: Sequence[np.ndarray | Yuv420Frame], compression: int,
                   compressor: zstandard.ZstdCompressor | None) -> tuple[EncodedFrame, ...]:
-    """Encodes uint8 HxWx3 frames, each as one independent zstd frame (or raw bytes)."""
+    """Encodes uint8 H x W x 3 frames or `Yuv420Frame`s, each as one independent zstd frame (or
+    raw bytes)."""
     out = []
     for frame in frames:
-        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-            raise ValueError(f"frame must be uint8 HxWx3, got {frame.dtype} {frame.shape}")
-        contiguous = np.ascontiguousarray(frame)
+        if isinstance(frame, Yuv420Frame):
+            raw: bytes | np.ndarray = yuv.pack(frame)
+            h, w = frame.y.shape
+            extra = {"pixel_format": pb2.PIXEL_FORMAT_YUV420P, "matrix": frame.matrix,
+                     "full_range": frame.full_range}
+        else:
+            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+                raise ValueError(f"frame must be uint8 HxWx3, got {frame.dtype} {frame.shape}")
+            raw = np.ascontiguousarray(frame)
+            h, w = frame.shape[:2]
+            extra = {}
         if compression == pb2.COMPRESSION_ZSTD:
             assert compressor is not None
-            data = compressor.compress(contiguous)
+            data = compressor.compress(raw)
         else:
-            data = contiguous.tobytes()
-        out.append(EncodedFrame(frame.shape[0], frame.shape[1], data))
+            data = raw if isinstance(raw, bytes) else raw.tobytes()
+        out.append(EncodedFrame(h, w, data, **extra))
     return tuple(out)
 
 
 def decode_frame(info: pb2.FrameInfo, data: bytes,
-                 decompressor: zstandard.ZstdDecompressor) -> np.ndarray:
-    """Rebuilds a writable uint8 array of shape (info.height, info.width, info.channels).
+                 decompressor: zstandard.ZstdDecompressor) -> np.ndarray | Yuv420Frame:
+    """Rebuilds a frame from its header and bytes: a writable uint8 (height, width, 3) RGB array,
+    or a `Yuv420Frame` (views of one writable buffer) for YUV420P.
 
     Raises:
-        ValueError: when the bytes do not hold exactly `info.raw_size` bytes of pixels.
+        ValueError: the bytes do not hold exactly the header's `raw_size` bytes of pixels, or the
+            header is inconsistent (unknown pixel format or colour matrix, odd YUV sides).
     """
-    shape = (info.height, info.width, info.channels)
-    raw_size = info.height * info.width * info.channels
+    is_yuv = info.pixel_format == pb2.PIXEL_FORMAT_YUV420P
+    if info.pixel_format not in PIXEL_FORMATS.values():
+        raise ValueError(f"frame header has unknown pixel format {info.pixel_format}")
+    if info.height <= 0 or info.width <= 0:
+        raise ValueError(f"frame header has size {info.height}x{info.width}")
+    raw_size = info.height * info.width * 3 // (2 if is_yuv else 1)
     if raw_size != info.raw_size or len(data) != info.encoded_size:
         raise ValueError(
-            f"frame header {shape} raw_size={info.raw_size} encoded_size={info.encoded_size} "
-            f"does not match {len(data)} bytes received")
-    out = np.empty(shape, dtype=np.uint8)
+            f"frame header {info.height}x{info.width} format {info.pixel_format} "
+            f"raw_size={info.raw_size} encoded_size={info.encoded_size} does not match "
+            f"{len(data)} bytes received")
+    flat = np.empty(raw_size, dtype=np.uint8)
     if info.compression == pb2.COMPRESSION_NONE:
-        out.reshape(-1)[:] = np.frombuffer(data, dtype=np.uint8)
-        return out
-    view = memoryview(out).cast("B")
-    filled = 0
-    with decompressor.stream_reader(data) as reader:
-        while filled < raw_size:
-            n = reader.readinto(view[filled:])
-            if not n:
-                break
-            filled += n
-        extra = reader.read(1)
-    if filled != raw_size or extra:
-        raise ValueError(f"zstd frame decompressed to the wrong size (expected {raw_size} bytes)")
-    return out
+        flat[:] = np.frombuffer(data, dtype=np.uint8)
+    else:
+        view = memoryview(flat).cast("B")
+        filled = 0
+        with decompressor.stream_reader(data) as reader:
+            while filled < raw_size:
+                n = reader.readinto(view[filled:])
+                if not n:
+                    break
+                filled += n
+            extra = reader.read(1)
+        if filled != raw_size or extra:
+            raise ValueError(
+                f"zstd frame decompressed to the wrong size (expected {raw_size} bytes)")
+    if is_yuv:
+        return yuv.unpack(flat, info.height, info.width, info.color_matrix or "bt601",
+                          info.full_range)
+    return flat.reshape(info.height, info.width, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +265,9 @@ def decode_frame(info: pb2.FrameInfo, data: bytes,
 
 
 def error_status(err: MediaError) -> tuple[grpc.StatusCode, tuple[tuple[str, str], ...]]:
-    """The status code and trailing metadata the server sends for `err`."""
+    """The status code and trailing metadata the server sends for `err`: printable ASCII, at
+    most `META_PATH_CHARS` / `META_REASON_CHARS` characters (so no client text can make gRPC
+    refuse the trailers as invalid or oversized)."""
     code = grpc.StatusCode.INVALID_ARGUMENT
     for cls in type(err).__mro__:
         if cls in ERROR_CODES:
@@ -230,13 +275,18 @@ def error_status(err: MediaError) -> tuple[grpc.StatusCode, tuple[tuple[str, str
             break
     name = next((c.__name__ for c in type(err).__mro__ if c.__name__ in _ERRORS_BY_NAME),
                 MediaError.__name__)
-    # Metadata values must be printable ASCII; escape anything else.
     meta = (
         (META_TYPE, name),
-        (META_PATH, err.path.encode("ascii", "backslashreplace").decode()),
-        (META_REASON, err.reason.encode("ascii", "backslashreplace").decode()[:4000]),
+        (META_PATH, paths.display(err.path, META_PATH_CHARS)),
+        (META_REASON, paths.display(err.reason, META_REASON_CHARS)),
     )
     return code, meta
+
+
+def busy_status(path: str, reason: str) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata of a RESOURCE_EXHAUSTED refusal (the server is at its limit)."""
+    return ((META_TYPE, BUSY_TYPE), (META_PATH, paths.display(path, META_PATH_CHARS)),
+            (META_REASON, paths.display(reason, META_REASON_CHARS)))
 
 
 def error_from_status(code: grpc.StatusCode, details: str,

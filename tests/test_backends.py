@@ -1,4 +1,5 @@
-"""Decoding backends (`io_server.backends`): pixels against an independent PyAV decode, frame
+"""Decoding backends (`io_server.backends`): pixels of both paths against an independent PyAV
+decode (exact: PyAV RGB + torch's antialiased bilinear resize; fast: FFmpeg's scaler), frame
 ranges, codecs, images, errors, and the DALI backend (skipped without DALI and a GPU)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
+import torch
 
 from io_server import keye, synthetic
 from io_server.backends import PyAVBackend, get_backend
@@ -71,26 +73,42 @@ def _write_audio(path: str) -> str:
     return path
 
 
-def _reference_frames(path: str, plan: FramePlan) -> list[np.ndarray]:
-    """Independent decode: every frame in order, keep the planned indices, resize each with
-    swscale's bicubic filter to its planned size."""
+def _torch_resize(rgb: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Keye's processor's resize: uint8 NCHW through torch's antialiased bilinear interpolate."""
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+    y = torch.nn.functional.interpolate(x, [h, w], mode="bilinear", antialias=True)
+    return y[0].permute(1, 2, 0).numpy()
+
+
+def _reference_frames(path: str, plan: FramePlan, mode: str = "exact") -> list[np.ndarray]:
+    """Independent decode: every frame in order, keep the planned indices, resize each to its
+    planned size. exact: PyAV RGB at the source size + torch (videos); fast: FFmpeg's bicubic
+    scaler on the 4:2:0 planes, then FFmpeg's conversion (other formats: scaled to RGB)."""
     wanted = {idx: j for j, idx in enumerate(plan.frame_indices)}
     out: list[np.ndarray | None] = [None] * plan.num_frames
     with av.open(path) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i in wanted:
                 j = wanted[i]
-                small = frame.reformat(width=plan.widths[j], height=plan.heights[j],
-                                       format="rgb24", interpolation="BICUBIC")
-                out[j] = small.to_ndarray()
+                h, w = plan.heights[j], plan.widths[j]
+                if mode == "exact":
+                    out[j] = _torch_resize(frame.to_ndarray(format="rgb24"), h, w)
+                elif frame.format.name in ("yuv420p", "yuvj420p"):
+                    out[j] = frame.reformat(width=w, height=h, format=frame.format.name,
+                                            interpolation="BICUBIC").to_ndarray(format="rgb24")
+                else:
+                    out[j] = frame.to_ndarray(width=w, height=h, format="rgb24",
+                                              interpolation="BICUBIC")
     assert all(f is not None for f in out)
     return [f for f in out if f is not None]
 
 
+@pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("codec", list(CLIPS))
-def test_decode_equals_independent_pyav_decode(codec: str, media: dict[str, str]) -> None:
+def test_decode_equals_independent_pyav_decode(codec: str, mode: str,
+                                               media: dict[str, str]) -> None:
     path = media[codec]
-    backend = get_backend("pyav")
+    backend = get_backend("pyav", resize=mode)
     plan = backend.probe(path)
     suffix, kwargs = CLIPS[codec]
     assert plan.kind is MediaKind.VIDEO
@@ -102,7 +120,7 @@ def test_decode_equals_independent_pyav_decode(codec: str, media: dict[str, str]
     assert 0 < plan.num_fast < plan.num_frames
     decoded = backend.decode(path, plan=plan)
     assert (decoded.frame_start, decoded.frame_stop) == (0, plan.num_frames)
-    reference = _reference_frames(path, plan)
+    reference = _reference_frames(path, plan, mode)
     for j, (ours, ref) in enumerate(zip(decoded.frames, reference, strict=True)):
         assert ours.dtype == np.uint8 and ours.shape == (plan.heights[j], plan.widths[j], 3)
         assert ours.flags.c_contiguous
@@ -150,7 +168,7 @@ def test_seeking_decode_equals_sequential_decode(threads: int, media: dict[str, 
     sh, sw = keye.similarity_size(plan.source_height, plan.source_width)
     wanted = set(plan.frame_indices)
     with av.open(path) as container:
-        lowres = [f.to_ndarray(width=sw, height=sh, format="rgb24", interpolation="BILINEAR")
+        lowres = [_torch_resize(f.to_ndarray(format="rgb24"), sh, sw)
                   for i, f in enumerate(container.decode(video=0)) if i in wanted]
     assert keye.classify_slow_fast(lowres) == plan.is_fast
     assert plan.is_fast.count(False) == 3  # one slow frame per scene
@@ -183,6 +201,8 @@ def test_plan_invariants_and_presets(media: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
 def test_images_are_one_frame_media(suffix: str, media: dict[str, str]) -> None:
+    from io_server.resize import pil_bicubic_resize
+
     backend = PyAVBackend()
     plan = backend.probe(media[suffix])
     assert plan.kind is MediaKind.IMAGE
@@ -190,13 +210,17 @@ def test_images_are_one_frame_media(suffix: str, media: dict[str, str]) -> None:
     assert (plan.source_width, plan.source_height) == (150, 110)
     assert (plan.heights[0], plan.widths[0]) == keye.image_size(110, 150)
     (frame,) = backend.decode(media[suffix], plan=plan).frames
-    (ref,) = _reference_frames(media[suffix], plan)
-    np.testing.assert_array_equal(frame, ref)
-    if suffix == ".png":  # lossless: close to the source pixels resized
-        src = av.VideoFrame.from_ndarray(synthetic.image_pixels(150, 110, 24), "rgb24")
-        expected = src.reformat(width=plan.widths[0], height=plan.heights[0],
-                                interpolation="BICUBIC").to_ndarray()
-        assert np.abs(frame.astype(int) - expected.astype(int)).mean() < 1.0
+    with av.open(media[suffix]) as container:
+        source = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    # exact: Pillow's bicubic (keye_vl_utils.fetch_image), checked against Pillow itself in
+    # tests/test_keye_pixels.py; fast: FFmpeg's scaler.
+    np.testing.assert_array_equal(frame, pil_bicubic_resize(source, (plan.heights[0],
+                                                                      plan.widths[0])))
+    (fast,) = PyAVBackend(resize="fast").decode(media[suffix], plan=plan).frames
+    (ref,) = _reference_frames(media[suffix], plan, "fast")
+    np.testing.assert_array_equal(fast, ref)
+    if suffix == ".png":  # lossless: the decoded source is the pixels written
+        np.testing.assert_array_equal(source, synthetic.image_pixels(150, 110, 24))
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,8 +295,11 @@ def test_synthetic_media_are_byte_identical_per_seed(codec: str, suffix: str,
 
 def test_get_backend_names() -> None:
     assert get_backend().name == "pyav"
+    assert get_backend().resize == "exact" and get_backend(resize="fast").resize == "fast"
     with pytest.raises(ValueError, match="unknown decode backend"):
         get_backend("ffmpeg-cli")
+    with pytest.raises(ValueError, match="resize mode 'bicubic'"):
+        get_backend(resize="bicubic")
     assert issubclass(CorruptMediaError, MediaError)
 
 
@@ -306,7 +333,8 @@ def test_dali_without_dali_names_the_extra() -> None:
 @pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
 @pytest.mark.parametrize("codec", ["h264", "hevc"])
 def test_dali_matches_pyav(codec: str, media: dict[str, str]) -> None:
-    dali, cpu = get_backend("dali"), get_backend("pyav")
+    """Same plans; DALI's GPU cubic resize is its own fast path: close to PyAV's fast path."""
+    dali, cpu = get_backend("dali", resize="fast"), get_backend("pyav", resize="fast")
     plan = cpu.probe(media[codec])
     assert dali.probe(media[codec]) == plan
     gpu_frames = dali.decode(media[codec], plan=plan, frame_start=1, frame_stop=plan.num_frames)

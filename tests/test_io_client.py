@@ -275,3 +275,39 @@ def test_in_process_client_plans_each_file_version_once(tmp_path):
     os.utime(path, ns=(1, 1))
     assert client.decode(path).plan.source_width == 140
     assert backend.probes == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# YUV 4:2:0 wire format
+
+
+def test_yuv_transport_gives_the_servers_rgb_with_half_the_bytes(servers, media):
+    """The server sends planes, the client converts: the frames equal the server's own RGB
+    answer (fast path) bit for bit, with exactly half the frame bytes before zstd."""
+    from io_server.media import Yuv420Frame
+
+    address = servers[0].address
+    path = media["clips"][3]
+    with (IOClient([address], resize="fast") as rgb_client,
+          IOClient([address], resize="fast", pixel_format="yuv420p") as yuv_client):
+        s0 = rgb_client.stats()[address]
+        rgb = rgb_client.decode(path)
+        s1 = rgb_client.stats()[address]
+        got = yuv_client.decode(path)
+        s2 = rgb_client.stats()[address]
+        kept = yuv_client.decode(path, keep_yuv=True)
+        _same(got, rgb)
+        assert all(isinstance(f, Yuv420Frame) for f in kept.frames)
+        for t, want in zip(to_torch(kept), rgb.frames, strict=True):  # the GPU converter, on CPU
+            np.testing.assert_array_equal(t.numpy(), want)
+        rgb_raw = s1.raw_bytes_out - s0.raw_bytes_out
+        yuv_raw = s2.raw_bytes_out - s1.raw_bytes_out
+        assert yuv_raw * 2 == rgb_raw == sum(f.nbytes for f in rgb.frames)
+        assert s2.wire_bytes_out - s1.wire_bytes_out < s1.wire_bytes_out - s0.wire_bytes_out
+        assert s2.resize == "exact"  # the server's default; these clients asked for "fast"
+    # The default (exact) path makes RGB frames that 4:2:0 cannot carry: refused, with why.
+    with IOClient([address], pixel_format="yuv420p") as client, \
+            pytest.raises(InvalidRequestError, match="resize 'fast'"):
+        client.decode(path)
+    with pytest.raises(ValueError, match="resize='fast'"):
+        IOClient([address], resize="exact", pixel_format="yuv420p")

@@ -13,6 +13,11 @@ class MediaKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MEDIA_KIND_IMAGE: _ClassVar[MediaKind]
     MEDIA_KIND_VIDEO: _ClassVar[MediaKind]
 
+class PixelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PIXEL_FORMAT_RGB24: _ClassVar[PixelFormat]
+    PIXEL_FORMAT_YUV420P: _ClassVar[PixelFormat]
+
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMPRESSION_ZSTD: _ClassVar[Compression]
@@ -20,30 +25,38 @@ class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 MEDIA_KIND_UNSPECIFIED: MediaKind
 MEDIA_KIND_IMAGE: MediaKind
 MEDIA_KIND_VIDEO: MediaKind
+PIXEL_FORMAT_RGB24: PixelFormat
+PIXEL_FORMAT_YUV420P: PixelFormat
 COMPRESSION_ZSTD: Compression
 COMPRESSION_NONE: Compression
 
 class ProbeRequest(_message.Message):
-    __slots__ = ("path", "preset")
+    __slots__ = ("path", "preset", "resize")
     PATH_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
     path: str
     preset: str
-    def __init__(self, path: _Optional[str] = ..., preset: _Optional[str] = ...) -> None: ...
+    resize: str
+    def __init__(self, path: _Optional[str] = ..., preset: _Optional[str] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("path", "preset", "frame_start", "frame_stop", "compression")
+    __slots__ = ("path", "preset", "frame_start", "frame_stop", "compression", "pixel_format", "resize")
     PATH_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     FRAME_START_FIELD_NUMBER: _ClassVar[int]
     FRAME_STOP_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
     path: str
     preset: str
     frame_start: int
     frame_stop: int
     compression: Compression
-    def __init__(self, path: _Optional[str] = ..., preset: _Optional[str] = ..., frame_start: _Optional[int] = ..., frame_stop: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    pixel_format: PixelFormat
+    resize: str
+    def __init__(self, path: _Optional[str] = ..., preset: _Optional[str] = ..., frame_start: _Optional[int] = ..., frame_stop: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., pixel_format: _Optional[_Union[PixelFormat, str]] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class FramePlan(_message.Message):
     __slots__ = ("path", "kind", "source_width", "source_height", "source_fps", "duration_s", "num_source_frames", "frame_indices", "timestamps", "is_fast", "heights", "widths", "tokens")
@@ -76,15 +89,17 @@ class FramePlan(_message.Message):
     def __init__(self, path: _Optional[str] = ..., kind: _Optional[_Union[MediaKind, str]] = ..., source_width: _Optional[int] = ..., source_height: _Optional[int] = ..., source_fps: _Optional[float] = ..., duration_s: _Optional[float] = ..., num_source_frames: _Optional[int] = ..., frame_indices: _Optional[_Iterable[int]] = ..., timestamps: _Optional[_Iterable[float]] = ..., is_fast: _Optional[_Iterable[bool]] = ..., heights: _Optional[_Iterable[int]] = ..., widths: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ProbeReply(_message.Message):
-    __slots__ = ("plan", "preset")
+    __slots__ = ("plan", "preset", "resize")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
     plan: FramePlan
     preset: str
-    def __init__(self, plan: _Optional[_Union[FramePlan, _Mapping]] = ..., preset: _Optional[str] = ...) -> None: ...
+    resize: str
+    def __init__(self, plan: _Optional[_Union[FramePlan, _Mapping]] = ..., preset: _Optional[str] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class FrameInfo(_message.Message):
-    __slots__ = ("height", "width", "channels", "timestamp_s", "is_fast", "grid_h", "grid_w", "tokens", "raw_size", "encoded_size", "compression")
+    __slots__ = ("height", "width", "channels", "timestamp_s", "is_fast", "grid_h", "grid_w", "tokens", "raw_size", "encoded_size", "compression", "pixel_format", "color_matrix", "full_range")
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +111,9 @@ class FrameInfo(_message.Message):
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENCODED_SIZE_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    COLOR_MATRIX_FIELD_NUMBER: _ClassVar[int]
+    FULL_RANGE_FIELD_NUMBER: _ClassVar[int]
     height: int
     width: int
     channels: int
@@ -107,14 +125,18 @@ class FrameInfo(_message.Message):
     raw_size: int
     encoded_size: int
     compression: Compression
-    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., is_fast: _Optional[bool] = ..., grid_h: _Optional[int] = ..., grid_w: _Optional[int] = ..., tokens: _Optional[int] = ..., raw_size: _Optional[int] = ..., encoded_size: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    pixel_format: PixelFormat
+    color_matrix: str
+    full_range: bool
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., is_fast: _Optional[bool] = ..., grid_h: _Optional[int] = ..., grid_w: _Optional[int] = ..., tokens: _Optional[int] = ..., raw_size: _Optional[int] = ..., encoded_size: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., pixel_format: _Optional[_Union[PixelFormat, str]] = ..., color_matrix: _Optional[str] = ..., full_range: _Optional[bool] = ...) -> None: ...
 
 class DecodeChunk(_message.Message):
-    __slots__ = ("plan", "preset", "frame_start", "frame_stop", "frame", "info", "data", "frame_end")
+    __slots__ = ("plan", "preset", "frame_start", "frame_stop", "resize", "frame", "info", "data", "frame_end")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     FRAME_START_FIELD_NUMBER: _ClassVar[int]
     FRAME_STOP_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -123,11 +145,12 @@ class DecodeChunk(_message.Message):
     preset: str
     frame_start: int
     frame_stop: int
+    resize: str
     frame: int
     info: FrameInfo
     data: bytes
     frame_end: bool
-    def __init__(self, plan: _Optional[_Union[FramePlan, _Mapping]] = ..., preset: _Optional[str] = ..., frame_start: _Optional[int] = ..., frame_stop: _Optional[int] = ..., frame: _Optional[int] = ..., info: _Optional[_Union[FrameInfo, _Mapping]] = ..., data: _Optional[bytes] = ..., frame_end: _Optional[bool] = ...) -> None: ...
+    def __init__(self, plan: _Optional[_Union[FramePlan, _Mapping]] = ..., preset: _Optional[str] = ..., frame_start: _Optional[int] = ..., frame_stop: _Optional[int] = ..., resize: _Optional[str] = ..., frame: _Optional[int] = ..., info: _Optional[_Union[FrameInfo, _Mapping]] = ..., data: _Optional[bytes] = ..., frame_end: _Optional[bool] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
@@ -152,7 +175,7 @@ class GpuStats(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., decoder_utilization_pct: _Optional[int] = ..., gpu_utilization_pct: _Optional[int] = ..., memory_utilization_pct: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("uptime_s", "requests", "decode_requests", "probe_requests", "errors", "errors_by_code", "rejected", "bytes_in", "file_bytes_read", "raw_bytes_out", "wire_bytes_out", "frames_out", "decode_seconds", "compress_seconds", "worker_cpu_seconds", "in_flight", "max_in_flight", "workers", "plan_cache_hits", "plan_cache_misses", "serving", "gpu_available", "gpu_unavailable_reason", "gpus")
+    __slots__ = ("uptime_s", "requests", "decode_requests", "probe_requests", "errors", "errors_by_code", "rejected", "bytes_in", "file_bytes_read", "raw_bytes_out", "wire_bytes_out", "frames_out", "decode_seconds", "compress_seconds", "worker_cpu_seconds", "in_flight", "max_in_flight", "workers", "plan_cache_hits", "plan_cache_misses", "serving", "gpu_available", "gpu_unavailable_reason", "gpus", "resize", "max_pixels", "max_path_bytes", "worker_memory_bytes")
     class ErrorsByCodeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +207,10 @@ class StatsReply(_message.Message):
     GPU_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     GPU_UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PATH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     uptime_s: float
     requests: int
     decode_requests: int
@@ -208,4 +235,8 @@ class StatsReply(_message.Message):
     gpu_available: bool
     gpu_unavailable_reason: str
     gpus: _containers.RepeatedCompositeFieldContainer[GpuStats]
-    def __init__(self, uptime_s: _Optional[float] = ..., requests: _Optional[int] = ..., decode_requests: _Optional[int] = ..., probe_requests: _Optional[int] = ..., errors: _Optional[int] = ..., errors_by_code: _Optional[_Mapping[str, int]] = ..., rejected: _Optional[int] = ..., bytes_in: _Optional[int] = ..., file_bytes_read: _Optional[int] = ..., raw_bytes_out: _Optional[int] = ..., wire_bytes_out: _Optional[int] = ..., frames_out: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., compress_seconds: _Optional[float] = ..., worker_cpu_seconds: _Optional[float] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., workers: _Optional[int] = ..., plan_cache_hits: _Optional[int] = ..., plan_cache_misses: _Optional[int] = ..., serving: _Optional[bool] = ..., gpu_available: _Optional[bool] = ..., gpu_unavailable_reason: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuStats, _Mapping]]] = ...) -> None: ...
+    resize: str
+    max_pixels: int
+    max_path_bytes: int
+    worker_memory_bytes: int
+    def __init__(self, uptime_s: _Optional[float] = ..., requests: _Optional[int] = ..., decode_requests: _Optional[int] = ..., probe_requests: _Optional[int] = ..., errors: _Optional[int] = ..., errors_by_code: _Optional[_Mapping[str, int]] = ..., rejected: _Optional[int] = ..., bytes_in: _Optional[int] = ..., file_bytes_read: _Optional[int] = ..., raw_bytes_out: _Optional[int] = ..., wire_bytes_out: _Optional[int] = ..., frames_out: _Optional[int] = ..., decode_seconds: _Optional[float] = ..., compress_seconds: _Optional[float] = ..., worker_cpu_seconds: _Optional[float] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., workers: _Optional[int] = ..., plan_cache_hits: _Optional[int] = ..., plan_cache_misses: _Optional[int] = ..., serving: _Optional[bool] = ..., gpu_available: _Optional[bool] = ..., gpu_unavailable_reason: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuStats, _Mapping]]] = ..., resize: _Optional[str] = ..., max_pixels: _Optional[int] = ..., max_path_bytes: _Optional[int] = ..., worker_memory_bytes: _Optional[int] = ...) -> None: ...

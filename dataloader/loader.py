@@ -66,7 +66,7 @@ from dataloader.sequence import (
 from dataloader.state import STATE_VERSION, LoaderState
 from hetero_parallel.balancer import BatchPlan
 from hetero_parallel.cost_model import CostModel
-from hetero_parallel.layout import MicroBatch, SampleLayout, make_microbatch
+from hetero_parallel.layout import MicroBatch, SampleLayout, lay_out_positions, make_microbatch
 from hetero_parallel.plan import ParallelPlan
 from hetero_parallel.step_plan import StepConfig, StepPlan, check_microbatches, plan_step
 
@@ -146,6 +146,9 @@ class StepData:
     empty on a rank without a ViT replica."""
     microbatches: tuple[MicroBatch, ...] | None
     """This replica's micro-batches in pipeline order on its first and last stage, else None."""
+    position_ids: tuple[torch.Tensor, ...] | None = None
+    """With a ``positions`` function: this replica's micro-batches' rotary positions, laid out as
+    the micro-batches (on every rank: multimodal rope needs them on middle stages too)."""
     skipped: tuple[SkippedSample, ...] = ()
 
     @property
@@ -533,6 +536,12 @@ class StepLoader:
                                 self.tokenizer.pad_id, self._positions(step_plan, mb.sample_ids))
                 for mb in step_plan.shapes)
             check_microbatches(step_plan, microbatches, self._visual_ids)
+        position_ids = None
+        if self.positions is not None:
+            position_ids = tuple(
+                mb.position_ids for mb in microbatches) if microbatches is not None else tuple(
+                lay_out_positions(shape, self._positions(step_plan, shape.sample_ids))
+                for shape in step_plan.shapes)
         frames: list[torch.Tensor] = []
         if self.vit_index is not None:
             for ch in batch.chunks_for_vit_rank(self.vit_index):
@@ -550,6 +559,7 @@ class StepLoader:
             step=step,
             samples=tuple(rnd.refs[p] for p in rnd.positions),
             plan=step_plan,
+            position_ids=position_ids,
             total_loss_tokens=sum(rnd.sizes[p].loss_tokens for p in rnd.positions),
             vision_frames=tuple(frames),
             microbatches=microbatches,

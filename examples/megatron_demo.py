@@ -15,23 +15,14 @@ Run (CPU, gloo):
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from examples.keye_vl.llm import (  # noqa: E402
-    TINY,
-    build_llm_chunks,
-    lm_forward_step,
-    transformer_config,
-)
-from hetero_parallel import ParallelPlan, default_backend, initialize, teardown  # noqa: E402
-from hetero_parallel.cpu_compat import cpu_compat  # noqa: E402
+from examples.keye_vl.llm import TINY, build_llm_chunks, lm_forward_step, transformer_config
+from hetero_parallel import ParallelPlan, default_backend, initialize, teardown
+from hetero_parallel.cpu_compat import cpu_compat
 
 
 def counting_batch(
@@ -83,7 +74,9 @@ def main() -> None:
         )
         dist.barrier()
 
-        config = transformer_config(TINY, tensor_parallel=plan.tp, pipeline_parallel=plan.pp)
+        # Plain megatron schedules with a mean loss per micro-batch.
+        config = transformer_config(TINY, plan, calculate_per_token_loss=False,
+                                    variable_seq_lengths=False)
         torch.manual_seed(0)
         chunks = build_llm_chunks(TINY, config)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)

@@ -266,32 +266,42 @@ def make_microbatch(token_ids: Sequence[torch.Tensor], is_target: Sequence[torch
     room = shape.packed_lengths or (shape.seq_len,) * len(token_ids)
     if position_ids is None:
         position_ids = [torch.arange(ids.shape[0]) for ids in token_ids]
-    axes = {tuple(p.shape[:-1]) for p in position_ids}
-    if len(axes) != 1 or len(position_ids) != len(token_ids):
-        raise ValueError(f"position_ids need one [n] or [axes, n] tensor per sample with the "
-                         f"same axes, got shapes {[tuple(p.shape) for p in position_ids]}")
-    (lead,) = axes
     b, seq = shape.rows, shape.seq_len
     inputs = torch.full((b, seq), pad_id, dtype=torch.long)
     labels = torch.full((b, seq), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((b, seq), dtype=torch.float32)
-    positions = torch.zeros((*lead, b, seq), dtype=torch.long)
-    for i, (ids, target, pos) in enumerate(zip(token_ids, is_target, position_ids, strict=True)):
+    for i, (ids, target) in enumerate(zip(token_ids, is_target, strict=True)):
         n, row, start = ids.shape[0], rows[i], starts[i]
         if n > room[i]:
             raise ValueError(f"sample {shape.sample_ids[i]} has {n} tokens, more than its "
                              f"{room[i]} in the micro-batch")
-        if pos.shape[-1] != n:
-            raise ValueError(f"sample {shape.sample_ids[i]}: {pos.shape[-1]} positions for {n} "
-                             "tokens")
-        inputs[row, start:start + n] = ids
-        labels[row, start:start + n - 1] = ids[1:]
-        loss_mask[row, start:start + n - 1] = target[1:].float()
         if shape.packed and n != shape.sample_lengths[i]:
             raise ValueError(f"sample {shape.sample_ids[i]} has {n} tokens, its layout "
                              f"{shape.sample_lengths[i]}")
-        positions[..., row, start:start + n] = pos
-    return MicroBatch(inputs, labels, loss_mask, positions)
+        if position_ids[i].shape[-1] != n:
+            raise ValueError(f"sample {shape.sample_ids[i]}: {position_ids[i].shape[-1]} "
+                             f"positions for {n} tokens")
+        inputs[row, start:start + n] = ids
+        labels[row, start:start + n - 1] = ids[1:]
+        loss_mask[row, start:start + n - 1] = target[1:].float()
+    return MicroBatch(inputs, labels, loss_mask, lay_out_positions(shape, position_ids))
+
+
+def lay_out_positions(shape: MicroBatchShape, position_ids: Sequence[torch.Tensor]
+                      ) -> torch.Tensor:
+    """Samples' rotary positions (``[n_i]`` or ``[axes, n_i]`` each) laid out as ``shape`` lays
+    out their tokens: ``[rows, S]`` or ``[axes, rows, S]``, padding at 0. Every pipeline stage
+    can build them from the step plan (multimodal rotary embeddings need them on every stage)."""
+    axes = {tuple(p.shape[:-1]) for p in position_ids}
+    if len(axes) != 1 or len(position_ids) != len(shape.sample_ids):
+        raise ValueError(f"position_ids need one [n] or [axes, n] tensor per sample with the "
+                         f"same axes, got shapes {[tuple(p.shape) for p in position_ids]}")
+    (lead,) = axes
+    rows, starts = shape.rows_and_offsets()
+    out = torch.zeros((*lead, shape.rows, shape.seq_len), dtype=torch.long)
+    for pos, row, start in zip(position_ids, rows, starts, strict=True):
+        out[..., row, start:start + pos.shape[-1]] = pos
+    return out
 
 
 def microbatch_on_cp_rank(mb: MicroBatch, shape: MicroBatchShape, cp: int, rank: int

@@ -75,14 +75,19 @@ def transformer_engine_available() -> bool:
 
 
 def gpt_layer_spec(config, *, vp_stage: int | None = None, qk_layernorm: bool = True,
-                   normalization: str = "RMSNorm", transformer_engine: bool | None = None):
-    """The decoder spec of this rank's chunk (``vp_stage``) for this machine.
+                   normalization: str = "RMSNorm", impl: str | None = None):
+    """The decoder spec of this rank's chunk (``vp_stage``).
 
-    With TransformerEngine on a GPU (default when available): megatron's TE layer spec,
-    unchanged. When CUDA is absent: megatron's local layer spec with its core attention and norms
-    replaced by `hetero_parallel.cpu_layers.CpuCoreAttention` / `CpuNorm` (packed sequences,
-    context and sequence parallelism work), as a block spec so that the final norm is `CpuNorm`
-    too. On a GPU without TE: the local spec, whose attention refuses CP and packing.
+    ``impl``:
+
+    - ``"transformer_engine"``: megatron's TE layer spec, unchanged (the default on a GPU with
+      TransformerEngine);
+    - ``"torch"``: megatron's local layer spec with its core attention and norms replaced by
+      `hetero_parallel.cpu_layers.CpuCoreAttention` / `CpuNorm` (exact, plain torch: packed
+      sequences, context and sequence parallelism work on any device), as a block spec so that
+      the final norm is `CpuNorm` too (the default when CUDA is absent);
+    - ``"local"``: megatron's local spec, whose attention refuses CP and packing (the default on a
+      GPU without TE).
     """
     import dataclasses
 
@@ -97,12 +102,15 @@ def gpt_layer_spec(config, *, vp_stage: int | None = None, qk_layernorm: bool = 
         get_num_layers_to_build,
     )
 
-    if transformer_engine is None:
-        transformer_engine = transformer_engine_available()
-    if transformer_engine:
+    if impl is None:
+        impl = ("transformer_engine" if transformer_engine_available()
+                else "local" if torch.cuda.is_available() else "torch")
+    if impl == "transformer_engine":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    if impl not in ("torch", "local"):
+        raise ValueError(f"impl must be 'transformer_engine', 'torch' or 'local', got {impl!r}")
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
-    if torch.cuda.is_available():
+    if impl == "local":
         return spec
     from hetero_parallel.cpu_layers import CpuCoreAttention, CpuNorm
 
@@ -126,3 +134,11 @@ def gpt_layer_spec(config, *, vp_stage: int | None = None, qk_layernorm: bool = 
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
         layer_norm=CpuNorm)
+
+
+def packing_supported(impl: str | None = None) -> bool:
+    """Whether the default (or given) layer implementation takes packed THD micro-batches."""
+    if impl is None:
+        impl = ("transformer_engine" if transformer_engine_available()
+                else "local" if torch.cuda.is_available() else "torch")
+    return impl != "local"

@@ -48,6 +48,39 @@ class StepOutput:
     num_loss_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per phase on this rank."""
+    llm_forward_s: list[float] = field(default_factory=list)
+    """Forward seconds of each micro-batch on this rank's pipeline stage (all its virtual
+    chunks), for calibrating the cost model (a stage's backward is about twice its forward)."""
+
+
+class _ForwardClock:
+    """Times each micro-batch's model forward on this stage: CUDA events on a GPU (read once,
+    at the end of the step), wall clock on a CPU."""
+
+    def __init__(self, num_microbatches: int) -> None:
+        self.cuda = torch.cuda.is_available()
+        self.spans: list[list] = [[] for _ in range(num_microbatches)]
+
+    def start(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, j: int, started) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.spans[j].append((started, end))
+        else:
+            self.spans[j].append(time.perf_counter() - started)
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [sum(a.elapsed_time(b) / 1e3 for a, b in s) for s in self.spans]
+        return [float(sum(s)) for s in self.spans]
 
 
 def _sync() -> None:
@@ -76,15 +109,22 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 def _lm_forward_step_with_visual(microbatches: Sequence[MicroBatch],
                                  shapes: Sequence[MicroBatchShape], table: RoutingTable | None,
-                                 visual_slots: Sequence[torch.Tensor], device) -> Callable:
+                                 visual_slots: Sequence[torch.Tensor], device,
+                                 clock: _ForwardClock,
+                                 position_ids: Sequence[torch.Tensor] | None) -> Callable:
     """megatron ``forward_step_func``; the iterator yields micro-batch indices."""
 
     def forward_step(data_iterator, model):
         j = next(data_iterator)
+        started = clock.start()
         packed = _packed_seq_params(shapes[j], device)
         if not microbatches:
-            # A middle pipeline stage: its input arrives from the previous stage.
-            return model(None, None, None, packed_seq_params=packed), None
+            # A middle pipeline stage: its input arrives from the previous stage (a multimodal
+            # rotary embedding still needs the positions).
+            positions = position_ids[j].to(device) if position_ids is not None else None
+            output = model(None, positions, None, packed_seq_params=packed)
+            clock.stop(j, started)
+            return output, None
         mb = microbatches[j]
         gpt = _unwrap(model)
         decoder_input = None
@@ -107,6 +147,7 @@ def _lm_forward_step_with_visual(microbatches: Sequence[MicroBatch],
                     (positions, rows), visual_slots[j].to(decoder_input.dtype))
         output = model(mb.input_ids, mb.position_ids, None, decoder_input=decoder_input,
                        labels=mb.labels, packed_seq_params=packed)
+        clock.stop(j, started)
 
         def loss_func(per_token_loss):
             mask = mb.loss_mask.to(per_token_loss.dtype)
@@ -144,6 +185,7 @@ def hetero_train_step(
     microbatches: Sequence[MicroBatch] | None,
     total_loss_tokens: int,
     options: StepOptions = StepOptions(),
+    position_ids: Sequence[torch.Tensor] | None = None,
 ) -> StepOutput:
     """Run one step's forward and backward; gradients end up in the ViT and megatron buffers.
 
@@ -152,7 +194,8 @@ def hetero_train_step(
     in ``BatchPlan.chunks_for_vit_rank`` order; the ViT maps them to ``[tokens, hidden]`` rows.
     ``llm`` is this rank's list of megatron model chunks (DDP-wrapped when they train);
     ``microbatches`` this replica's micro-batches in pipeline order (needed on the first and last
-    stage, None elsewhere). The LLM's `TransformerConfig` must have
+    stage, None elsewhere); ``position_ids`` their rotary positions (needed on middle stages for
+    multimodal rope; 1D rope derives them). The LLM's `TransformerConfig` must have
     ``calculate_per_token_loss=True`` and ``variable_seq_lengths=True``. As with megatron, the
     caller zeroes the gradients (ViT ``.grad``, megatron's grad buffers) before the step. A batch
     without any visual token (text only, or every media sample skipped) is fine: the ViT then gets
@@ -200,8 +243,9 @@ def hetero_train_step(
     local = [microbatch_on_cp_rank(mb, shape, plan.cp, c.cp)
              for mb, shape in zip(microbatches or [], step.shapes, strict=False)]
     with timer("llm"):
+        clock = _ForwardClock(num_mb)
         forward_step = _lm_forward_step_with_visual(local, step.shapes, table, slot_leaves,
-                                                    device)
+                                                    device, clock, position_ids)
         iterators = [iter(range(num_mb)) for _ in llm]
         lengths = [mb.input_ids.shape[1] for mb in local]
         sizes = [mb.input_ids.shape[0] for mb in local]
@@ -258,4 +302,4 @@ def hetero_train_step(
         raise RuntimeError(f"the LLM counted {int(totals[1].item())} loss tokens, the caller "
                            f"said {total_loss_tokens}")
     return StepOutput(loss=(totals[0] / totals[1]).item(), num_loss_tokens=total_loss_tokens,
-                      timings=timer.timings)
+                      timings=timer.timings, llm_forward_s=clock.seconds())

@@ -99,7 +99,8 @@ class OptimizerConfig:
 
 
 class StepInput(Protocol):
-    """What one step consumes: the dataloader's `StepData` has exactly these attributes."""
+    """What one step consumes: the dataloader's `StepData` has exactly these attributes
+    (``position_ids`` may be missing or None: 1D rotary positions)."""
 
     plan: StepPlan
     vision_frames: Sequence[torch.Tensor]
@@ -120,6 +121,8 @@ class TrainStepResult:
     lr: float
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per phase on this rank (the step's phases plus ``optimizer``)."""
+    llm_forward_s: list[float] = field(default_factory=list)
+    """Forward seconds of each micro-batch on this rank's pipeline stage."""
 
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -233,6 +236,7 @@ class HeteroTrainer:
             groups=self.groups, step=data.plan, vision=self.vision,
             vision_frames=data.vision_frames, llm=self.llm, microbatches=data.microbatches,
             total_loss_tokens=data.total_loss_tokens, options=self.step_options,
+            position_ids=getattr(data, "position_ids", None),
         )
         t0 = time.perf_counter()
         found_inf = self.llm_optimizer.prepare_grads() if self.llm_optimizer is not None \
@@ -253,7 +257,7 @@ class HeteroTrainer:
         timings["optimizer"] = time.perf_counter() - t0
         result = TrainStepResult(step=self.step_count, loss=out.loss,
                                  num_loss_tokens=out.num_loss_tokens, grad_norm=grad_norm, lr=lr,
-                                 timings=timings)
+                                 timings=timings, llm_forward_s=out.llm_forward_s)
         self.step_count += 1
         return result
 

@@ -11,13 +11,20 @@ import torch.distributed as dist
 
 from hetero_parallel import ParallelPlan, initialize, teardown
 from hetero_parallel.cost_model import CostModel
-from hetero_parallel.layout import MicroBatch, make_microbatch
+from hetero_parallel.layout import MicroBatch, lay_out_positions, make_microbatch
 from hetero_parallel.megatron_state import gather_full_state, load_full_state
 from hetero_parallel.step import StepOptions
 from hetero_parallel.step_plan import StepConfig, StepPlan, check_microbatches, plan_step
 from hetero_parallel.synthetic import PAD_VISUAL, ToySample, mixed_samples
 from hetero_parallel.trainer import HeteroTrainer, OptimizerConfig
-from tests.tiny_models import VOCAB, TinyVisionEncoder, build_gpt, build_gpt_chunks, gpt_config
+from tests.tiny_models import (
+    VOCAB,
+    TinyVisionEncoder,
+    build_gpt,
+    build_gpt_chunks,
+    gpt_config,
+    toy_mrope_positions,
+)
 
 LR = 0.1
 COST = CostModel(vit_linear=1.0, vit_quadratic=0.01, llm_linear=1.0, llm_quadratic=0.001)
@@ -36,6 +43,12 @@ class Result:
     loss: float
     grads: dict[str, torch.Tensor]
     after: dict[str, torch.Tensor]
+
+
+def _positions(layout, mrope: bool) -> torch.Tensor:
+    if mrope:
+        return torch.from_numpy(toy_mrope_positions(layout))
+    return torch.arange(layout.seq_len)
 
 
 def initial_weights(init_seed: int = 0) -> dict:
@@ -57,21 +70,21 @@ def standalone_initial_weights(init_seed: int = 0) -> dict:
         teardown(groups)
 
 
-def reference(samples: list[ToySample], init_seed: int = 0, lr: float = LR
-              ) -> tuple[dict, Result]:
+def reference(samples: list[ToySample], init_seed: int = 0, lr: float = LR,
+              mrope: bool = False) -> tuple[dict, Result]:
     """Single model (ViT + projector + TP=1/PP=1 LLM), whole batch, one SGD step, on this rank."""
     groups = initialize(ParallelPlan(world_size=dist.get_world_size()), backend="gloo", seed=1)
     try:
         initial = initial_weights(init_seed)
         vision = TinyVisionEncoder()
         vision.load_state_dict(initial["vision"])
-        llm = build_gpt(gpt_config())
+        llm = build_gpt(gpt_config(mrope=mrope))
         load_full_state([llm], initial["llm"])
         total = torch.zeros(())
         for s in samples:
             visual = vision([f for frames in s.frames for f in frames])
             ids = s.tokens[None, :]
-            positions = torch.arange(ids.shape[1])[None, :]
+            positions = _positions(s.layout, mrope)[..., None, :]
             emb = llm.embedding(input_ids=ids, position_ids=positions)  # [S, 1, H]
             slots = torch.from_numpy(s.layout.visual_positions())
             if slots.numel():
@@ -83,10 +96,12 @@ def reference(samples: list[ToySample], init_seed: int = 0, lr: float = LR
         n = total_loss_tokens(samples)
         mean = total / n
         mean.backward()
-        grads = {f"vision.{k}": p.grad.clone() for k, p in vision.named_parameters()}
-        grads |= {f"llm.{k}": p.grad.clone() for k, p in llm.named_parameters()}
-        for p in list(vision.parameters()) + list(llm.parameters()):
-            p.data -= lr * p.grad
+        params = [(f"vision.{k}", p) for k, p in vision.named_parameters()]
+        params += [(f"llm.{k}", p) for k, p in llm.named_parameters()]
+        grads = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                 for k, p in params}
+        for k, p in params:
+            p.data -= lr * grads[k]
         after = {f"vision.{k}": p.detach().clone() for k, p in vision.named_parameters()}
         after |= {f"llm.{k}": p.detach().clone() for k, p in llm.named_parameters()}
         return initial, Result(mean.item(), grads, after)
@@ -108,10 +123,11 @@ class ToyStep:
     vision_frames: list[torch.Tensor]
     microbatches: list[MicroBatch] | None
     total_loss_tokens: int
+    position_ids: list[torch.Tensor] | None = None
 
 
 def toy_step(plan: ParallelPlan, rank: int, samples: list[ToySample], config: StepConfig,
-             ) -> ToyStep:
+             mrope: bool = False) -> ToyStep:
     """What the dataloader would hand ``rank``: its step plan, ViT frames and micro-batches."""
     step = plan_step(plan, rank, [s.layout for s in samples], COST, config)
     by_id = {s.sample_id: s for s in samples}
@@ -121,25 +137,29 @@ def toy_step(plan: ParallelPlan, rank: int, samples: list[ToySample], config: St
         for ch in step.batch.chunks_for_vit_rank(vit_index):
             frames.extend(by_id[ch.sample_id].frames[ch.media_index][ch.frame_start:ch.frame_stop])
     microbatches = None
+    positions = [[_positions(by_id[s].layout, mrope) for s in mb.sample_ids]
+                 for mb in step.shapes]
     if plan.data_role(rank).needs_tokens:
         microbatches = [
             make_microbatch([by_id[s].tokens for s in mb.sample_ids],
-                            [by_id[s].is_target for s in mb.sample_ids], mb)
-            for mb in step.shapes
+                            [by_id[s].is_target for s in mb.sample_ids], mb, position_ids=pos)
+            for mb, pos in zip(step.shapes, positions, strict=True)
         ]
         check_microbatches(step, microbatches, {PAD_VISUAL})
-    return ToyStep(step, frames, microbatches, total_loss_tokens(samples))
+    laid_out = [lay_out_positions(mb, pos) for mb, pos in zip(step.shapes, positions,
+                                                               strict=True)]
+    return ToyStep(step, frames, microbatches, total_loss_tokens(samples), laid_out)
 
 
 def build_trainer(groups, initial: dict, optim: OptimizerConfig | None = None,
-                  options: StepOptions | None = None) -> HeteroTrainer:
+                  options: StepOptions | None = None, mrope: bool = False) -> HeteroTrainer:
     """The tiny model on ``groups.plan`` from ``initial`` weights, in a `HeteroTrainer`."""
     plan = groups.plan
     vision = None
     if plan.vit_index(groups.rank) is not None:
         vision = TinyVisionEncoder()
         vision.load_state_dict(initial["vision"])
-    chunks = build_gpt_chunks(gpt_config(plan))
+    chunks = build_gpt_chunks(gpt_config(plan, mrope=mrope))
     load_full_state(chunks, initial["llm"])
     return HeteroTrainer(groups, vision=vision, llm_chunks=chunks,
                          optim=optim or OptimizerConfig(optimizer="sgd", lr=LR),
@@ -147,13 +167,14 @@ def build_trainer(groups, initial: dict, optim: OptimizerConfig | None = None,
 
 
 def hetero_step(plan: ParallelPlan, samples: list[ToySample], initial: dict, config: StepConfig,
-                options: StepOptions | None = None) -> tuple[Result, dict[str, float]]:
+                options: StepOptions | None = None, mrope: bool = False
+                ) -> tuple[Result, dict[str, float]]:
     """One SGD step of the heterogeneous placement through `HeteroTrainer`; gathers this rank's
     view of the gradients and weights (LLM unsharded over TP, ViT if it hosts a replica)."""
     groups = initialize(plan, backend="gloo", seed=1)
     try:
-        trainer = build_trainer(groups, initial, options=options)
-        out = trainer.step(toy_step(plan, groups.rank, samples, config))
+        trainer = build_trainer(groups, initial, options=options, mrope=mrope)
+        out = trainer.step(toy_step(plan, groups.rank, samples, config, mrope))
         llm = trainer.llm
         grads = {f"llm.{k}": v for k, v in gather_full_state(llm, grads=True).items()}
         after = {f"llm.{k}": v for k, v in gather_full_state(llm).items()}

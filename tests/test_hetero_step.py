@@ -21,16 +21,16 @@ RTOL = 1e-5
 
 
 def _run(plan_kwargs: dict, num_microbatches: int, recompute: bool,
-         baseline: bool = False, packed: bool = True) -> dict:
+         baseline: bool = False, packed: bool = True, mrope: bool = False) -> dict:
     with cpu_compat():
         samples = HH.make_samples(seed=0)
-        initial, ref = HH.reference(samples)
+        initial, ref = HH.reference(samples, mrope=mrope)
         plan = ParallelPlan(world_size=dist.get_world_size(), **plan_kwargs)
         if baseline:
             plan = plan.with_vit_on_first_stage()
         config = HH.step_config(num_microbatches, baseline, packed=packed)
         got, timings = HH.hetero_step(plan, samples, initial, config,
-                                      StepOptions(recompute_vit=recompute))
+                                      StepOptions(recompute_vit=recompute), mrope=mrope)
         num_chunks = len(HH.toy_step(plan, 0, samples, config).plan.batch.media_chunks)
         vision_after = torch.cat([v.flatten() for k, v in sorted(got.after.items())
                                   if k.startswith("vision.")]) if plan.vit_index(
@@ -116,6 +116,15 @@ def _check(results: list[dict]) -> None:
         assert torch.equal(v, replicas[0])
 
 
+@pytest.mark.parametrize(("plan_kwargs", "packed"), [
+    pytest.param({"pp": 4}, True, id="pp4-packed"),
+    pytest.param({"cp": 2, "tp": 2}, False, id="tp2-cp2-padded"),
+])
+def test_multimodal_rope_positions_reach_every_stage(pool4, plan_kwargs, packed):
+    """3-axis rotary positions (megatron's mrope) on middle pipeline stages and under CP."""
+    _check(pool4.run(_run, plan_kwargs, 2, False, False, packed, True))
+
+
 def _three_steps(plan_kwargs: dict, distributed: bool) -> dict:
     from hetero_parallel import initialize, teardown
     from hetero_parallel.megatron_state import gather_full_state
@@ -148,3 +157,27 @@ def test_distributed_optimizer_equals_the_plain_one_over_three_steps(pool4, plan
         bad = {k: v for k, v in max_rel_diff(b["after"], a["after"]).items() if v > RTOL}
         assert not bad, f"rank {rank}: weights differ after 3 steps: {bad}"
     assert plain[0]["losses"][2] != plain[0]["losses"][0]
+
+
+def _text_only_step() -> dict:
+    """A global batch without any visual token (a text-only manifest, or every media sample
+    skipped): the step runs, the ViT gets zero gradients and its replicas stay identical."""
+    with cpu_compat():
+        samples = [s for s in HH.make_samples(seed=0, count=24)
+                   if s.layout.num_visual_tokens == 0][:8]
+        initial, ref = HH.reference(samples)
+        plan = ParallelPlan(world_size=dist.get_world_size(), pp=2)
+        got, _ = HH.hetero_step(plan, samples, initial, HH.step_config(2))
+        vision_grads = [v for k, v in got.grads.items() if k.startswith("vision.")]
+        return {"loss": got.loss, "ref_loss": ref.loss,
+                "grad_err": max_rel_diff({k: v for k, v in got.grads.items()
+                                          if k.startswith("llm.")}, ref.grads),
+                "vision_grad_max": max((float(g.abs().max()) for g in vision_grads),
+                                       default=None)}
+
+
+def test_a_batch_without_visual_tokens_steps(pool4):
+    for rank, r in enumerate(pool4.run(_text_only_step)):
+        assert r["loss"] == pytest.approx(r["ref_loss"], rel=RTOL), rank
+        assert max(r["grad_err"].values()) <= RTOL, rank
+        assert r["vision_grad_max"] == 0.0, rank

@@ -41,13 +41,19 @@ def test_merge_is_the_weighted_average(tmp_path):
     torch.testing.assert_close(merged["w"], 0.7 * a["w"] + 0.3 * b["w"])
     torch.testing.assert_close(merged["b"], 0.7 * a["b"] + 0.3 * b["b"])
     assert merged["step"].item() == 7
-    # Weights are normalised; the command line writes the same thing.
-    torch.save({"model": a}, tmp_path / "a.pt")
-    torch.save(b, tmp_path / "b.pt")
-    merge_main([f"{tmp_path / 'a.pt'}:7", f"{tmp_path / 'b.pt'}:3", "--out",
-                str(tmp_path / "m.pt")])
-    out = torch.load(tmp_path / "m.pt", weights_only=True)["model"]
-    torch.testing.assert_close(out["w"], merged["w"])
+    # Weights are normalised; the command line writes the same thing, which loads back.
+    from safetensors.torch import save_file
+
+    from hetero_parallel.export import SafetensorsSource
+
+    save_file(a, tmp_path / "a.safetensors")
+    (tmp_path / "b").mkdir()
+    save_file(b, tmp_path / "b" / "model.safetensors")
+    merge_main([f"{tmp_path / 'a.safetensors'}:7", f"{tmp_path / 'b'}:3", "--out",
+                str(tmp_path / "m")])
+    out = SafetensorsSource(tmp_path / "m")
+    torch.testing.assert_close(out.read("w"), merged["w"])
+    assert out.read("step").item() == 7
 
 
 def test_merge_refuses_mismatched_models():
@@ -97,8 +103,17 @@ def test_keye_vl_8b_constructs_with_the_real_shapes():
     assert out.returncode == 0, out.stderr[-3000:]
     llm_params, vision_params = map(int, out.stdout.split()[-2:])
     # Qwen3-8B: 36 layers of 4096 (32 Q / 8 KV heads of 128, FFN 12288), 151,936-token vocab,
-    # untied embeddings: 8.19e9 parameters. SigLIP-400M + the 2x2-merge projector: 0.45e9.
+    # untied embeddings: 8.19e9 parameters.
     embeddings = 2 * 151_936 * 4096
     per_layer = 4096 * (32 + 2 * 8) * 128 + 32 * 128 * 4096 + 3 * 4096 * 12288 + 2 * 4096 + 2 * 128
-    assert llm_params == embeddings + 36 * per_layer + 4096
-    assert 0.40e9 < vision_params < 0.50e9
+    assert llm_params == embeddings + 36 * per_layer + 4096 == 8_190_735_360
+    # SigLIP so400m-patch14-384 tower (27x27 learned positions) 412,987,248 + the 2x2-merge
+    # projector 40,125,952.
+    assert vision_params == 412_987_248 + 40_125_952
+    # The released checkpoint also carries the ViT's 32768 x 1152 packing position table, which
+    # Keye's inference never reads (the converter carries it through, see hf_layout).
+    from examples.keye_vl.hf_config import PACKING_POSITIONS, RELEASED_KEYE_VL_1_5_8B
+    from tests.test_keye_convert import released_parameter_count
+
+    released = released_parameter_count(RELEASED_KEYE_VL_1_5_8B)
+    assert llm_params + vision_params + PACKING_POSITIONS * 1152 == released == 8_681_597_296

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +23,8 @@ VISION_WIDTH = 32
 HIDDEN = 64
 VOCAB = 512
 NUM_LAYERS = 4
+MROPE_SECTION = [2, 3, 3]
+"""(t, h, w) frequency pairs of the multimodal rope variant (head dim 16: 8 pairs)."""
 
 
 class _FrameAttention(nn.Module):
@@ -61,10 +64,12 @@ class TinyVisionEncoder(nn.Module):
         return self.projector(self.vit(torch.cat(cells), lengths))
 
 
-def gpt_config(plan: ParallelPlan | None = None, **overrides):
+def gpt_config(plan: ParallelPlan | None = None, *, mrope: bool = False, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     kwargs = parallel_config_kwargs(plan or ParallelPlan(world_size=1))
+    if mrope:
+        kwargs["mrope_section"] = MROPE_SECTION
     kwargs.update(overrides)
     return TransformerConfig(
         num_layers=NUM_LAYERS, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2,
@@ -82,9 +87,17 @@ def build_gpt(config, *, pre_process: bool = True, post_process: bool = True,
 
     return GPTModel(config=config, transformer_layer_spec=gpt_layer_spec(
         config, vp_stage=vp_stage), vocab_size=VOCAB, max_sequence_length=1024,
-        pre_process=pre_process, post_process=post_process, position_embedding_type="rope",
+        pre_process=pre_process, post_process=post_process,
+        position_embedding_type="mrope" if config.mrope_section else "rope",
         rotary_base=10_000, vp_stage=vp_stage)
 
 
 def build_gpt_chunks(config) -> list[nn.Module]:
     return build_chunks(config, lambda **stage: build_gpt(config, **stage))
+
+
+def toy_mrope_positions(layout) -> np.ndarray:
+    """A deterministic 3-axis position rule for the mrope variant (not Keye's: any rule that
+    differs per axis exercises the plumbing)."""
+    n = np.arange(layout.seq_len, dtype=np.int64)
+    return np.stack([n, n // 2, n // 3])

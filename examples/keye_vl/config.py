@@ -6,7 +6,10 @@
   token mix video:image:text = 24:50:26.
 - stage 4 (model fusion): no training; ``merge.py`` averages an expert checkpoint into the base.
 
-Every trained stage starts from the previous stage's checkpoint (``init_from``).
+Every trained stage starts from the previous stage's checkpoint (``init_from``); stage 1 starts
+from SigLIP + Qwen3 and fine-tuning from the released model, both converted by
+``python -m examples.keye_vl.convert from-hf``. ``keye-vl-1.5-8b`` is the released architecture:
+`examples.keye_vl.hf_config.RELEASED_KEYE_VL_1_5_8B` records its ``config.json`` with sources.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ COMPONENTS = ("vision", "projector", "llm")
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    """A Keye-VL model: the ViT + projector and the LLM."""
+
     name: str
     llm: LLMShape
+    """The Qwen3 decoder (multimodal RoPE)."""
     vision: VisionShape
+    """The SigLIP tower with Keye's changes, and the projector into ``llm.hidden_size``."""
 
 
 MODELS = {

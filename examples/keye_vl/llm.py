@@ -1,4 +1,12 @@
-"""Qwen3-style LLM on megatron-core's `GPTModel`: RMSNorm, QK-norm, SwiGLU, GQA, RoPE.
+"""The Qwen3 LLM of Keye-VL-1.5 on megatron-core's `GPTModel`, with multimodal rotary positions.
+
+Qwen3: RMSNorm, QK-norm (RMSNorm over each head), SwiGLU, GQA, no biases, untied embeddings.
+Keye-VL-1.5 turns Qwen3's 1D RoPE into Qwen2-VL's multimodal RoPE: every token has three
+position ids (t, h, w); the rotary frequencies of a head are split in three sections
+(``mrope_section``, ``[16, 24, 24]`` of the 64 frequencies for head dim 128) that turn with t, h
+and w respectively. Text tokens carry the same id on the three axes, which is exactly 1D RoPE;
+visual tokens get (t, h, w) ids from `examples.keye_vl.rope`. megatron-core runs this as
+``position_embedding_type="mrope"`` with ``position_ids`` of shape ``[3, b, s]``.
 
 Single-model code only: no process groups are built here. The caller initialises megatron's
 parallel state (``hetero_parallel.initialize``) first; ``build_llm`` then builds this rank's part
@@ -7,15 +15,19 @@ parallel state (``hetero_parallel.initialize``) first; ``build_llm`` then builds
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from hetero_parallel.llm_chunks import build_chunks, gpt_layer_spec, parallel_config_kwargs
+from hetero_parallel.plan import ParallelPlan
+
 
 @dataclass(frozen=True, kw_only=True)
 class LLMShape:
-    """Shapes of a Qwen3-style decoder."""
+    """Shapes of a Qwen3 decoder with multimodal rotary positions."""
 
     num_layers: int
     hidden_size: int
@@ -29,54 +41,72 @@ class LLMShape:
     rotary_base: float = 1_000_000.0
     norm_epsilon: float = 1e-6
     tie_embeddings: bool = False
+    mrope_section: tuple[int, int, int] | None = None
+    """Rotary frequencies turned by (t, h, w); they sum to ``head_dim / 2``. Default: Qwen2-VL's
+    split scaled to the head, ``[16, 24, 24]`` for head dim 128."""
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"num_attention_heads({self.num_attention_heads}) is not a multiple "
+                             f"of num_query_groups({self.num_query_groups})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim({self.head_dim}) must be even for rotary embeddings")
+        if self.mrope_section is None:
+            half = self.head_dim // 2
+            t = half // 4
+            object.__setattr__(self, "mrope_section",
+                               (t, (half - t) // 2, half - t - (half - t) // 2))
+        section = tuple(int(s) for s in self.mrope_section)
+        object.__setattr__(self, "mrope_section", section)
+        if len(section) != 3 or sum(section) * 2 != self.head_dim or min(section) < 1:
+            raise ValueError(f"mrope_section {list(section)} must be three positive sizes "
+                             f"summing to head_dim / 2 = {self.head_dim // 2}")
 
 
 TINY = LLMShape(
     num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=16,
     ffn_hidden_size=128, vocab_size=512, max_sequence_length=4096, rotary_base=10_000.0,
 )
-"""Runs on CPU in tests and the demo."""
+"""Runs on CPU in tests and the demo (mrope_section ``[2, 3, 3]``)."""
 
 QWEN3_8B = LLMShape(
     num_layers=36, hidden_size=4096, num_attention_heads=32, num_query_groups=8, head_dim=128,
     ffn_hidden_size=12288, vocab_size=151_936, max_sequence_length=131_072,
+    rotary_base=8_000_000.0, mrope_section=(16, 24, 24),
 )
-"""Qwen3-8B, the LLM of Keye-VL-1.5-8B."""
+"""The LLM of Keye-VL-1.5-8B: Qwen3-8B with multimodal RoPE (see `examples.keye_vl.config` for
+the released values and their sources)."""
+
+
+def check_tensor_parallel(shape: LLMShape, tp: int) -> None:
+    """``ValueError`` naming the numbers when ``tp`` cannot split the heads or query groups."""
+    if shape.num_attention_heads % tp or shape.num_query_groups % tp:
+        raise ValueError(
+            f"tensor parallel size {tp} does not divide the attention heads: "
+            f"num_attention_heads={shape.num_attention_heads}, "
+            f"num_query_groups (key/value heads)={shape.num_query_groups}; TP must divide both")
 
 
 def transformer_config(
     shape: LLMShape,
+    plan: ParallelPlan | None = None,
     *,
-    tensor_parallel: int = 1,
-    pipeline_parallel: int = 1,
-    virtual_pipeline: int | None = None,
-    context_parallel: int = 1,
     params_dtype: torch.dtype = torch.float32,
     dropout: float = 0.0,
     **overrides,
 ):
-    """megatron `TransformerConfig` for ``shape`` and the given parallel sizes.
+    """megatron `TransformerConfig` of ``shape`` on ``plan``'s layout (one process if None).
 
-    On a machine without CUDA, settings that cannot run on CPU are refused here
-    (``hetero_parallel.cpu_compat.check_supported``).
+    The layout's settings come from `hetero_parallel.llm_chunks.parallel_config_kwargs`; features
+    that cannot run on CPU are refused there. A TP size that does not divide the heads is a
+    ``ValueError`` here (megatron would only assert).
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from hetero_parallel.cpu_compat import check_supported
-
-    overrides.setdefault("use_cpu_initialization", not torch.cuda.is_available())
-    check_supported(
-        context_parallel_size=context_parallel,
-        sequence_parallel=overrides.get("sequence_parallel", False),
-    )
-
-    if virtual_pipeline is not None:
-        # As Megatron-LM does for the interleaved schedule. Batched p2p would post a stage's
-        # send-to-next and send-to-previous in one batch; with pp=2 both go to the same peer
-        # and are matched in posting order, so activations and gradients would swap.
-        overrides.setdefault("overlap_p2p_comm", True)
-        overrides.setdefault("batch_p2p_comm", False)
-
+    plan = plan or ParallelPlan(world_size=1)
+    check_tensor_parallel(shape, plan.tp)
+    kwargs = parallel_config_kwargs(plan)
+    kwargs.update(overrides)
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -93,17 +123,35 @@ def transformer_config(
         add_qkv_bias=False,
         hidden_dropout=dropout,
         attention_dropout=dropout,
-        tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
-        virtual_pipeline_model_parallel_size=virtual_pipeline,
-        context_parallel_size=context_parallel,
+        mrope_section=list(shape.mrope_section),
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         # Dense model: no MoE, but megatron validates the dispatcher against variable lengths.
         moe_token_dispatcher_type="alltoall",
-        **overrides,
+        **kwargs,
     )
+
+
+@functools.cache
+def _mrope_gpt_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class MropeGPTModel(GPTModel):
+        """`GPTModel` with multimodal RoPE that also takes 1D ``[b, s]`` position ids (text:
+        the three axes equal, i.e. Qwen3's own RoPE)."""
+
+        def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+            if position_ids is None:
+                raise ValueError(
+                    "multimodal RoPE needs each micro-batch's position_ids ([3, b, s] or "
+                    "[b, s]) on every pipeline stage, got None (a middle stage called without "
+                    "its micro-batch's positions)")
+            if position_ids.dim() == 2:
+                position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+
+    return MropeGPTModel
 
 
 def build_llm(
@@ -113,20 +161,21 @@ def build_llm(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
-    use_transformer_engine: bool = False,
+    use_transformer_engine: bool | None = None,
 ):
-    """This rank's part of the LLM (a `GPTModel` for one pipeline stage / virtual stage)."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    """This rank's part of the LLM (a `GPTModel` for one pipeline stage / virtual stage).
 
-    if use_transformer_engine:
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-    else:
-        spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-    return GPTModel(
+    ``use_transformer_engine``: True for megatron's TE layer spec, False for the plain-torch one
+    (megatron's local spec on a GPU), None for the machine's default
+    (`hetero_parallel.llm_chunks.gpt_layer_spec`).
+    """
+    impl = None
+    if use_transformer_engine is not None:
+        impl = "transformer_engine" if use_transformer_engine else (
+            "local" if torch.cuda.is_available() else "torch")
+    spec = gpt_layer_spec(config, vp_stage=vp_stage, qk_layernorm=True, normalization="RMSNorm",
+                          impl=impl)
+    return _mrope_gpt_class()(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=shape.vocab_size,
@@ -134,32 +183,20 @@ def build_llm(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=shape.tie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="mrope",
         rotary_base=int(shape.rotary_base),
         vp_stage=vp_stage,
     )
 
 
-def build_llm_chunks(shape: LLMShape, config) -> list:
+def build_llm_chunks(shape: LLMShape, config, *, use_transformer_engine: bool | None = None
+                     ) -> list:
     """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
 
     Needs megatron's parallel state (``hetero_parallel.initialize``) to know the stage.
     """
-    from megatron.core import parallel_state as ps
-
-    vpp = config.virtual_pipeline_model_parallel_size
-    chunks = []
-    for vp in range(vpp or 1):
-        vp_stage = vp if vpp else None
-        chunks.append(
-            build_llm(
-                shape, config,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                vp_stage=vp_stage,
-            )
-        )
-    return chunks
+    return build_chunks(config, lambda **stage: build_llm(
+        shape, config, use_transformer_engine=use_transformer_engine, **stage))
 
 
 def lm_forward_step(data_iterator, model):
@@ -168,7 +205,7 @@ def lm_forward_step(data_iterator, model):
     The iterator yields ``(input_ids, labels)`` of shape ``[micro_batch, seq]``.
     """
     inputs, labels = next(data_iterator)
-    position_ids = torch.arange(inputs.shape[1]).expand_as(inputs)
+    position_ids = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
     output = model(inputs, position_ids, None, labels=labels)
 
     def loss_func(per_token_loss):
@@ -182,89 +219,3 @@ def lm_forward_step(data_iterator, model):
 def with_rotary_base(shape: LLMShape, rotary_base: float) -> LLMShape:
     """The same shape with another RoPE base (long-context stages raise it)."""
     return replace(shape, rotary_base=rotary_base)
-
-
-def _global_names(chunk) -> dict[str, str]:
-    """Local parameter name -> name in the unsharded, single-stage model."""
-    layers = chunk.decoder.layers
-    renumber = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(layers)}
-    names = {}
-    for name, _ in chunk.named_parameters():
-        parts = name.split(".")
-        if parts[:2] == ["decoder", "layers"]:
-            parts[2] = renumber[parts[2]]
-        names[name] = ".".join(parts)
-    return names
-
-
-def _is_gated_fc1(name: str, chunk) -> bool:
-    return name.endswith("mlp.linear_fc1.weight") and chunk.config.gated_linear_unit
-
-
-def _shard(full: torch.Tensor, param, name: str, chunk, tp_rank: int, tp_size: int):
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return full
-    dim = param.partition_dim
-    if _is_gated_fc1(name, chunk):
-        # A SwiGLU fc1 holds [gate; up]; each TP rank holds [gate shard; up shard].
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp_size, dim)[tp_rank], up.chunk(tp_size, dim)[tp_rank]], dim)
-    return full.chunk(tp_size, dim=dim)[tp_rank]
-
-
-def load_full_state(chunks, full_state: dict[str, torch.Tensor]) -> None:
-    """Copy an unsharded (TP=1, PP=1) state into this rank's model chunks (its stage, its shard).
-
-    ``full_state`` maps the single-model parameter names (``decoder.layers.{global index}...``)
-    to tensors; every parameter of the local chunks must be present.
-    """
-    from megatron.core import parallel_state
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    for chunk in chunks:
-        chunk = getattr(chunk, "module", chunk)
-        names = _global_names(chunk)
-        with torch.no_grad():
-            for name, param in chunk.named_parameters():
-                local = _shard(full_state[names[name]], param, name, chunk, tp_rank, tp_size)
-                if local.shape != param.shape:
-                    raise ValueError(
-                        f"{names[name]}: shard shape {tuple(local.shape)} does not match "
-                        f"parameter {name} of shape {tuple(param.shape)}"
-                    )
-                param.copy_(local)
-
-
-def gather_full_state(chunks, *, grads: bool = False) -> dict[str, torch.Tensor]:
-    """This rank's stage as unsharded tensors (gathered over its TP group), by single-model name.
-
-    With ``grads`` it gathers ``main_grad`` (megatron DDP) or ``grad`` instead of the weights.
-    Collective over the tensor-parallel group.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    out = {}
-    for chunk in chunks:
-        chunk = getattr(chunk, "module", chunk)
-        names = _global_names(chunk)
-        for name, param in chunk.named_parameters():
-            value = param
-            if grads:
-                value = getattr(param, "main_grad", None)
-                value = param.grad if value is None else value
-            value = value.detach().clone()
-            if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
-                parts = [torch.empty_like(value) for _ in range(tp_size)]
-                dist.all_gather(parts, value.contiguous(), group=group)
-                dim = param.partition_dim
-                if _is_gated_fc1(name, chunk):
-                    gates, ups = zip(*(p.chunk(2, dim=dim) for p in parts), strict=True)
-                    value = torch.cat([torch.cat(gates, dim), torch.cat(ups, dim)], dim)
-                else:
-                    value = torch.cat(parts, dim)
-            out[names[name]] = value
-    return out

@@ -6,28 +6,21 @@ sample (video / image / text datasets with captions that depend on the media, so
 something to learn), and the manifest built by the dataloader's indexer (``python -m dataloader
 index``), which probes every file through the I/O code path.
 
-    python examples/keye_vl/make_data.py --out data/keye_tiny              # ~40 samples, seconds
-    python examples/keye_vl/make_data.py --out data/keye_tiny --videos 40 --images 80 --texts 40
+    python -m examples.keye_vl.make_data --out data/keye_tiny        # ~40 samples, seconds
+    python -m examples.keye_vl.make_data --out data/keye_tiny --videos 40 --images 80 --texts 40
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from dataloader.index import collect_items, index_items  # noqa: E402
-from dataloader.manifest import write_records  # noqa: E402
-from io_server.synthetic import (
-    write_image,  # noqa: E402
-    write_video,  # noqa: E402
-)
+from dataloader.index import collect_items, index_items
+from dataloader.manifest import write_records
+from io_server.synthetic import write_image, write_video
 
 WORDS = ("red", "green", "blue", "bright", "dark", "moving", "still", "square", "wide", "tall")
 

@@ -1,19 +1,23 @@
 """Stage 4: fuse expert checkpoints into the base model by weighted parameter averaging.
 
-    python examples/keye_vl/merge.py --out merged.pt base.pt:0.7 ocr_expert.pt:0.3
+    python -m examples.keye_vl.merge --out runs/merged runs/base/final:0.7 runs/ocr/final:0.3
 
-Each input is a model state dict saved by ``train.py`` (``{"model": {name: tensor}}`` or a plain
-``{name: tensor}``). The output is ``sum_i w_i * state_i`` per tensor, weights normalised to sum to
-1. Names and shapes must match exactly: a missing or extra tensor, or a shape difference, is an
-error naming it (merging models of different architectures silently is the failure to avoid).
+Each input is an unsharded model (``train.py``'s ``final/`` folder, a ``.safetensors`` file, or a
+previous merge). The output folder holds ``model.safetensors`` with ``sum_i w_i * state_i`` per
+tensor, weights normalised to sum to 1; ``train.py --init-from`` takes it. Names and shapes must
+match exactly: a missing or extra tensor, or a shape difference, is an error naming it (merging
+models of different architectures silently is the failure to avoid).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
+
+from hetero_parallel.export import SafetensorsSource
 
 
 def merge_state_dicts(states: Sequence[Mapping[str, torch.Tensor]],
@@ -50,8 +54,8 @@ def merge_state_dicts(states: Sequence[Mapping[str, torch.Tensor]],
 
 
 def _load(path: str) -> dict[str, torch.Tensor]:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return obj["model"] if isinstance(obj, dict) and "model" in obj else obj
+    source = SafetensorsSource(path)
+    return {name: source.read(name) for name in source.names()}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -66,9 +70,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"{item!r}: expected PATH:WEIGHT")
         paths.append(path)
         weights.append(float(weight))
+    from safetensors.torch import save_file
+
     merged = merge_state_dicts([_load(p) for p in paths], weights)
-    torch.save({"model": merged}, args.out)
-    print(f"merged {len(paths)} checkpoints ({len(merged)} tensors) into {args.out}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in merged.items()}, str(out / "model.safetensors"),
+              metadata={"format": "hetero_parallel.unsharded/1",
+                        "merged_from": ",".join(args.inputs)})
+    print(f"merged {len(paths)} checkpoints ({len(merged)} tensors) into {out}")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,36 @@
 """Train Keye-VL-1.5 with every component of the toolkit: plan -> load -> ViT -> route -> LLM.
 
-One process per GPU (NCCL) or per CPU rank (gloo + the megatron-core CPU compatibility layer):
+One process per GPU (NCCL) or per CPU rank (gloo + the megatron-core CPU compatibility layer);
+run from the repository root:
 
-    python examples/keye_vl/make_data.py --out data/keye_tiny
-    python -m torch.distributed.run --standalone --nproc-per-node 4 examples/keye_vl/train.py \\
+    python -m examples.keye_vl.make_data --out data/keye_tiny
+    python -m torch.distributed.run --standalone --nproc-per-node 4 -m examples.keye_vl.train \\
         --data data/keye_tiny/manifest.jsonl --model tiny --stage 2 --tp 2 --pp 2 \\
         --steps 50 --out runs/keye_tiny
-    # after a crash: the same command with --resume continues at the exact next sample
+    # after a crash: the same command with --resume continues at the exact next sample, on this
+    # or on another layout (--tp/--pp/--cp and the number of processes may change)
 
-Per step: the resumable dataloader derives the global batch, the cost-model balancer places samples
-(LLM replicas, micro-batches) and media chunks (ViT ranks), the I/O path decodes only this rank's
-frames (a local I/O server is started when none is given), the heterogeneous step runs, and rank 0
-logs loss, samples/s, tokens/s, per-phase time per rank and imbalance to the console and to
-``<out>/metrics.csv``. Every ``--save-every`` steps model, optimizer and loader state are saved;
-at the end ``<out>/final/model.pt`` holds the unsharded weights for the next stage
-(``--init-from``) or ``merge.py``.
+From released weights: ``python -m examples.keye_vl.convert from-hf ... --out CKPT``, then
+``--model keye-vl-1.5-8b --init-from CKPT --tokenizer KEYE_OR_QWEN3_DIR`` (the byte tokenizer is
+the offline default); ``convert to-hf`` turns ``<out>/final`` back into a Hugging Face folder.
+The LLM's multimodal rotary positions come from each sample's layout
+(`examples.keye_vl.rope.keye_position_ids`).
+
+Per step: the resumable dataloader derives the global batch and its step plan (the balancer's
+placement of samples on LLM replicas and micro-batches and of media chunks on ViT ranks, this
+rank's routing table), the I/O path decodes only this rank's frames (a local I/O server is started
+when none is given), and `hetero_parallel.trainer.HeteroTrainer` runs the heterogeneous step and
+the optimizers. Rank 0 logs loss, samples/s, tokens/s, per-phase time and imbalance to the
+console, ``<out>/metrics.csv`` and TensorBoard (``<out>/tensorboard``). Every ``--save-every``
+steps a checkpoint (model, optimizer, loader state, cost model; each tensor once, checksummed)
+goes to ``<out>/ckpt``; at the end ``<out>/final`` holds the unsharded model for the next stage
+(``--init-from``), ``merge`` or conversion.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import logging
 import os
@@ -32,27 +41,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from dataloader.loader import LoaderConfig, StepLoader  # noqa: E402
-from dataloader.manifest import load_manifest  # noqa: E402
-from examples.keye_vl.checkpoint import (  # noqa: E402
-    export_unsharded,
-    latest_step,
-    load_checkpoint,
-    load_unsharded,
-    save_checkpoint,
-)
-from examples.keye_vl.config import MODELS, STAGES, cost_model_for  # noqa: E402
-from examples.keye_vl.trainer import KeyeTrainer, OptimConfig  # noqa: E402
-from hetero_parallel import ParallelPlan, default_backend, initialize, teardown  # noqa: E402
-from hetero_parallel.cost_model import CostModel  # noqa: E402
-from hetero_parallel.cpu_compat import cpu_compat  # noqa: E402
-from hetero_parallel.step import StepOptions  # noqa: E402
+from dataloader.loader import LoaderConfig, StepLoader
+from dataloader.manifest import load_manifest
+from examples.keye_vl.config import MODELS, STAGES, cost_model_for
+from examples.keye_vl.model import build_model
+from examples.keye_vl.rope import keye_position_ids
+from hetero_parallel import ParallelPlan, default_backend, initialize, teardown
+from hetero_parallel.checkpoint import CheckpointConfig, CheckpointManager, JsonPart
+from hetero_parallel.cost_model import CostModel
+from hetero_parallel.cpu_compat import cpu_compat
+from hetero_parallel.export import export_model
+from hetero_parallel.llm_chunks import packing_supported
+from hetero_parallel.metrics import MetricsLogger
+from hetero_parallel.step import StepOptions
+from hetero_parallel.step_plan import StepConfig
+from hetero_parallel.trainer import HeteroTrainer, OptimizerConfig
 
 logger = logging.getLogger("keye_vl.train")
 PHASES = ("vit_forward", "route_forward", "llm", "route_backward", "vit_backward",
-          "vit_grad_reduce")
+          "vit_grad_reduce", "optimizer")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,16 +70,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="megatron sequence parallelism over the TP group (needs --tp > 1)")
+    p.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="megatron's distributed optimizer: LLM optimizer state sharded over DP")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 weights and compute (default: on with CUDA, off on CPU)")
+    p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack each micro-batch's samples into one THD row (default: wherever "
+                        "the attention supports it: TransformerEngine, or the CPU layers)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--microbatches", type=int, default=2, help="per LLM replica")
     p.add_argument("--frames-per-chunk", type=int, default=4)
     p.add_argument("--lr", type=float, default=None, help="default: the stage's")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--clip-grad", type=float, default=1.0, help="global norm; 0 disables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/keye")
     p.add_argument("--save-every", type=int, default=10)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt/latest")
-    p.add_argument("--init-from", default=None, help="unsharded model.pt of a previous stage")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background while training continues")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint under <out>/ckpt")
+    p.add_argument("--init-from", default=None,
+                   help="unsharded model folder or .safetensors file (a previous stage's final/)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a Hugging Face tokenizer folder with Keye-VL-1.5's special tokens "
+                        "(default: the byte tokenizer, for offline demos)")
     p.add_argument("--io-server", default="auto",
                    help="'auto' starts a local daemon; 'none' decodes in-process; or host:port,...")
     p.add_argument("--cost-model", default=None, help="calibrated CostModel JSON")
@@ -125,10 +151,18 @@ def main(argv=None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    plan = ParallelPlan(world_size=world, tp=args.tp, pp=args.pp, cp=args.cp)
+    plan = ParallelPlan(world_size=world, tp=args.tp, pp=args.pp, cp=args.cp,
+                        sequence_parallel=args.sequence_parallel)
+    bf16 = torch.cuda.is_available() if args.bf16 is None else args.bf16
+    packed = packing_supported() if args.packed is None else args.packed
     out = Path(args.out)
     manifest = load_manifest(args.data)
-    cost = (CostModel.load(args.cost_model) if args.cost_model else cost_model_for(model))
+    tokenizer = None
+    if args.tokenizer is not None:
+        from examples.keye_vl.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer, vocab_size=model.llm.vocab_size)
+    cost = CostModel.load(args.cost_model) if args.cost_model else cost_model_for(model)
 
     with contextlib.ExitStack() as stack, cpu_compat():
         groups = initialize(plan, backend=backend, seed=1234 + args.seed)
@@ -137,53 +171,79 @@ def main(argv=None) -> None:
         loader = stack.enter_context(StepLoader(
             manifest,
             LoaderConfig(global_batch_size=args.global_batch, seed=args.seed,
-                         weights=stage.mixture, num_microbatches=args.microbatches,
-                         frames_per_chunk=args.frames_per_chunk),
-            plan=plan, rank=rank, cost_model=cost, client=client,
-            token_group=groups.token_broadcast,
+                         weights=stage.mixture,
+                         step=StepConfig(num_microbatches=args.microbatches,
+                                         frames_per_chunk=args.frames_per_chunk,
+                                         packed=packed)),
+            plan=plan, rank=rank, cost_model=cost, client=client, tokenizer=tokenizer,
+            token_group=groups.token_broadcast, positions=keye_position_ids,
         ))
-        initial = load_unsharded(args.init_from) if args.init_from else None
-        trainer = KeyeTrainer.build(
-            groups, model, optim=OptimConfig(lr=args.lr or stage.lr), trainable=stage.trainable,
-            rotary_base=stage.rotary_base,
-            init_seed=args.seed, initial_state=initial)
+        vision, chunks = build_model(groups, model, trainable=stage.trainable,
+                                     rotary_base=stage.rotary_base, init_seed=args.seed,
+                                     init_from=args.init_from,
+                                     params_dtype=torch.bfloat16 if bf16 else torch.float32)
+        trainer = HeteroTrainer(
+            groups, vision=vision, llm_chunks=chunks,
+            optim=OptimizerConfig(lr=args.lr or stage.lr, warmup_steps=args.warmup_steps,
+                                  decay_steps=max(0, args.steps - args.warmup_steps),
+                                  min_lr=0.1 * (args.lr or stage.lr), clip_grad=args.clip_grad,
+                                  distributed=args.use_distributed_optimizer),
+            step_options=StepOptions(recompute_vit=args.recompute_vit))
+        ckpt = CheckpointManager(
+            CheckpointConfig(folder=out / "ckpt", keep_last=args.keep_checkpoints,
+                             async_save=args.async_save),
+            {"trainer": trainer, "loader": loader,
+             "cost_model": JsonPart(lambda: {"json": loader.cost_model.to_json()},
+                                    lambda s: setattr(loader, "cost_model",
+                                                      CostModel.from_json(s["json"])))},
+            rank=rank)
+        stack.callback(ckpt.close)
         start = 0
         if args.resume:
-            step = latest_step(out)
-            if step is None:
-                raise SystemExit(f"--resume: no checkpoint under {out / 'ckpt'}")
-            load_checkpoint(out, step, trainer, loader, rank)
-            start = step
+            report = ckpt.load()
+            if report.step is None:
+                raise SystemExit(f"--resume: no checkpoint under {out / 'ckpt'}"
+                                 + "".join(f"\n  {n}" for n in report.skipped))
+            start = report.step
+            if rank == 0:
+                for note in report.skipped:
+                    print(f"resume: skipped {note}", file=sys.stderr)
+                print(f"resume: continuing from {report.path} (step {start}) on "
+                      f"{plan.describe()}", file=sys.stderr)
         if rank == 0:
             logger.info("%s; stage %d (%s) trains %s; %d samples in %s", plan.describe(),
                         stage.stage, stage.name, sorted(stage.trainable), len(manifest),
                         sorted(manifest.datasets.items()))
-            out.mkdir(parents=True, exist_ok=True)
-        metrics = _Metrics(out / "metrics.csv", rank, resume=args.resume)
+        metrics = MetricsLogger(out, enabled=rank == 0, start_step=start)
+        stack.callback(metrics.close)
         progress = None
         if rank == 0 and not args.no_progress:
             from tqdm import tqdm
 
             progress = tqdm(total=args.steps, initial=start, desc="train", file=sys.stderr)
-        options = StepOptions(recompute_vit=args.recompute_vit)
         for step in range(start, args.steps):
             t0 = time.perf_counter()
             data = loader.next_step()
             t_load = time.perf_counter() - t0
-            result = trainer.step(data.batch, data.layouts, data.vision_frames,
-                                  data.microbatches, data.total_loss_tokens, options)
+            result = trainer.step(data)
             elapsed = time.perf_counter() - t0
-            timings = {"load": t_load, **result.timings}
             per_rank = [None] * world
-            dist.all_gather_object(per_rank, timings)
+            dist.all_gather_object(per_rank, {"load": t_load, **result.timings})
             tokens = int(data.batch.sample_tokens.sum())
-            metrics.log(step, result.loss, len(data.samples), tokens, elapsed, per_rank,
-                        data.batch, len(data.skipped))
+            phase_max = {p: max(t.get(p, 0.0) for t in per_rank) for p in PHASES}
+            metrics.log(step, {
+                "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                "samples": len(data.samples), "tokens": tokens, "step_s": elapsed,
+                "samples_per_s": len(data.samples) / elapsed, "tokens_per_s": tokens / elapsed,
+                "vit_imbalance": data.batch.vit_report.max_over_mean,
+                "llm_imbalance": data.batch.llm_report.max_over_mean,
+                "skipped": len(data.skipped), "load_max_s": max(t["load"] for t in per_rank),
+                **{f"{p}_max_s": v for p, v in phase_max.items()}})
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{result.loss:.4f}")
             if rank == 0:
-                busy = [sum(t[p] for p in PHASES if p in t) for t in per_rank]
+                busy = [sum(t.get(p, 0.0) for p in PHASES) for t in per_rank]
                 logger.info(
                     "step %d loss %.4f | %.1f samples/s %.0f tokens/s | step %.2fs load %.2fs | "
                     "vit max %.0f ms llm max %.0f ms | imbalance max/mean %.2f%s", step,
@@ -191,49 +251,22 @@ def main(argv=None) -> None:
                     max(t["load"] for t in per_rank),
                     1e3 * max(t.get("vit_forward", 0) + t.get("vit_backward", 0)
                               for t in per_rank),
-                    1e3 * max(t.get("llm", 0) for t in per_rank),
-                    max(busy) / (sum(busy) / len(busy)), _gpu_stats())
+                    1e3 * phase_max["llm"], max(busy) / (sum(busy) / len(busy)), _gpu_stats())
             if args.save_every and (step + 1) % args.save_every == 0:
-                save_checkpoint(out, step + 1, trainer, loader, rank)
+                ckpt.save(step + 1)
         if progress is not None:
             progress.close()
-        export_unsharded(out / "final", trainer, rank)
-        metrics.close()
+        ckpt.wait()
+        export_model(out / "final", groups=groups, vision=trainer.vision,
+                     llm_chunks=trainer.llm,
+                     metadata={"model": args.model, "stage": str(stage.stage),
+                               "steps": str(args.steps),
+                               "rotary_base": str(stage.rotary_base)})
         if rank == 0:
+            # `examples.keye_vl.convert to-hf` reads the model and its RoPE base from here.
             (out / "final" / "config.json").write_text(json.dumps(
-                {"model": args.model, "stage": stage.stage, "steps": args.steps}, indent=1))
-
-
-class _Metrics:
-    """``metrics.csv`` on rank 0: one row per step (appending when resuming)."""
-
-    def __init__(self, path: Path, rank: int, *, resume: bool) -> None:
-        self.rank = rank
-        self.file = None
-        if rank != 0:
-            return
-        exists = path.exists() and resume
-        self.file = open(path, "a" if exists else "w", newline="")  # noqa: SIM115
-        self.writer = csv.writer(self.file)
-        if not exists:
-            self.writer.writerow(["step", "loss", "samples", "tokens", "step_s", "samples_per_s",
-                                  "tokens_per_s", "vit_imbalance", "llm_imbalance", "skipped"]
-                                 + [f"{p}_max_s" for p in PHASES])
-
-    def log(self, step, loss, samples, tokens, elapsed, per_rank, batch, skipped) -> None:
-        if self.file is None:
-            return
-        row = [step, f"{loss:.6f}", samples, tokens, f"{elapsed:.4f}",
-               f"{samples / elapsed:.3f}", f"{tokens / elapsed:.1f}",
-               f"{batch.vit_report.max_over_mean:.4f}", f"{batch.llm_report.max_over_mean:.4f}",
-               skipped]
-        row += [f"{max(t.get(p, 0.0) for t in per_rank):.4f}" for p in PHASES]
-        self.writer.writerow(row)
-        self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+                {"model": args.model, "stage": stage.stage, "steps": args.steps,
+                 "rotary_base": stage.rotary_base}, indent=1))
 
 
 if __name__ == "__main__":

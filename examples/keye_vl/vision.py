@@ -1,13 +1,26 @@
-"""SigLIP-style vision encoder of Keye-VL-1.5: native-resolution ViT + 2x2-merge MLP projector.
+"""The vision side of Keye-VL-1.5: a SigLIP so400m-patch14 ViT with Keye's changes + the projector.
 
-Single-device model code (no process groups). Frames arrive at their own resolution (sides are
-multiples of 28 px, see ``io_server.keye.smart_resize``), are cut into 14-px patches, and attend
-only within their own frame (NaViT-style packing: many frames of different sizes in one call).
-Positions are encoded with 2D RoPE over (row, column) of the patch grid. The projector merges each
-2x2 block of patches into one LLM token, so a frame of ``h x w`` px gives ``(h / 28) * (w / 28)``
-tokens, in row-major order over its 28-px grid.
+Single-device model code (no process groups). As the released model does it (learned from vLLM's
+``keye.py`` / ``keye_vl1_5.py`` and the Keye-VL-1.5 port in transformers, PR #41040):
 
-Shape legend: N patches, T tokens (= N / 4), D ViT width, H LLM width, P = 3 * 14 * 14.
+- frames arrive at their own resolution (sides multiples of 28 px, `io_server.keye.smart_resize`)
+  and are cut into 14-px patches, row-major over the frame's patch grid;
+- patch embedding: SigLIP's Conv2d(3, D, 14, stride 14) (applied here as the equivalent matmul);
+- learned position embedding: SigLIP's ``(image_size / 14)^2`` table, seen as a square grid and
+  resized to each frame's patch grid with bilinear interpolation (``align_corners=False``), then
+  added to the patch embeddings (Keye's ``interpolate_pos_encoding`` path, the only one its
+  inference uses). The released checkpoint also holds a 32768-row "packing" position table that
+  this path never reads; the converter carries it through untouched (`examples.keye_vl.hf_layout`);
+- 2D rotary attention: per head, the first half of the rotary pairs turn with the patch row, the
+  second half with the patch column (theta 10,000), rotate-half style;
+- packing: many frames of different sizes in one call, attention only within a frame;
+- SigLIP encoder layers (pre-LN, tanh-GELU MLP) and SigLIP's post-LayerNorm;
+- projector: each 2x2 block of patches is merged into one vector of ``4 * D`` in (row, column,
+  channel) order, then LayerNorm(eps 1e-5), Linear(4D, 4D), exact GELU, Linear(4D, H).
+
+A frame of ``h x w`` px gives ``(h / 28) * (w / 28)`` LLM tokens, row-major over its 28-px grid.
+
+Shape legend: N patches, T tokens (= N / 4), D ViT width, H LLM width.
 """
 
 from __future__ import annotations
@@ -21,27 +34,52 @@ from torch import nn
 
 PATCH = 14
 MERGE = 2
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.5
+"""SigLIP's normalisation (Keye-VL-1.5's processor uses the same): ``(x / 255 - 0.5) / 0.5``."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class VisionShape:
+    """Shapes of the ViT and the projector."""
+
     hidden_size: int
     num_layers: int
     num_heads: int
     ffn_hidden_size: int
     llm_hidden_size: int
     """Output width of the projector (the LLM's hidden size)."""
+    image_size: int = 384
+    """Pre-training resolution: the learned position table is ``(image_size // 14)^2`` rows
+    (27 x 27 for 384 px, as SigLIP's 'valid' patch convolution drops the remainder)."""
     rope_theta: float = 10_000.0
     norm_epsilon: float = 1e-6
 
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"ViT hidden_size({self.hidden_size}) is not divisible by "
+                             f"num_heads({self.num_heads})")
+        if (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"2D rotary attention needs a head dim divisible by 4, got "
+                             f"{self.hidden_size // self.num_heads}")
+        if self.image_size < PATCH:
+            raise ValueError(f"image_size({self.image_size}) is smaller than a {PATCH}-px patch")
+
+    @property
+    def position_grid(self) -> int:
+        """Side of the learned position grid (27 for so400m-patch14-384)."""
+        return self.image_size // PATCH
+
 
 TINY_VISION = VisionShape(
-    hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=64, llm_hidden_size=64
+    hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=64, llm_hidden_size=64,
+    image_size=56,
 )
 SIGLIP_400M = VisionShape(
-    hidden_size=1152, num_layers=27, num_heads=16, ffn_hidden_size=4304, llm_hidden_size=4096
+    hidden_size=1152, num_layers=27, num_heads=16, ffn_hidden_size=4304, llm_hidden_size=4096,
+    image_size=384,
 )
-"""SigLIP so400m-patch14-384 widths with the projector into Qwen3-8B."""
+"""SigLIP so400m-patch14-384 with the projector into Qwen3-8B (Keye-VL-1.5-8B)."""
 
 
 def frame_tokens(height: int, width: int) -> int:
@@ -53,32 +91,29 @@ def frame_tokens(height: int, width: int) -> int:
 
 
 def patchify(frame_HWC: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[h, w, 3]`` -> normalised patches ``[N, P]`` in merge order.
-
-    Merge order: the four patches of each 28-px block are consecutive, blocks row-major, so the
-    projector merges rows ``4k .. 4k+3`` into token ``k``.
-    """
-    h, w, _ = frame_HWC.shape
-    frame_tokens(h, w)
-    x = frame_HWC.float().div(255.0).sub(0.5).div(0.5)
-    gh, gw = h // (PATCH * MERGE), w // (PATCH * MERGE)
-    x = x.reshape(gh, MERGE, PATCH, gw, MERGE, PATCH, 3)
-    # -> [gh, gw, merge_row, merge_col, 3, PATCH, PATCH]
-    x = x.permute(0, 3, 1, 4, 6, 2, 5)
-    return x.reshape(gh * gw * MERGE * MERGE, 3 * PATCH * PATCH)
+    """uint8 ``[h, w, 3]`` (sides multiples of 14) -> normalised patches ``[N, 3, 14, 14]``,
+    row-major over the patch grid (the layout of SigLIP's and Keye's patch sequence)."""
+    h, w, c = frame_HWC.shape
+    if h % PATCH or w % PATCH or c != 3:
+        raise ValueError(f"frame of shape {tuple(frame_HWC.shape)}: expected [h, w, 3] with h "
+                         f"and w multiples of {PATCH}")
+    x = frame_HWC.float().div(255.0).sub(PIXEL_MEAN).div(PIXEL_STD)
+    x = x.reshape(h // PATCH, PATCH, w // PATCH, PATCH, 3).permute(0, 2, 4, 1, 3)
+    return x.reshape(-1, 3, PATCH, PATCH)
 
 
-def patch_positions(height: int, width: int) -> torch.Tensor:
-    """(row, col) of every patch of a frame, in merge order: ``[N, 2]``."""
-    gh, gw = height // (PATCH * MERGE), width // (PATCH * MERGE)
-    bh, bw, mr, mc = torch.meshgrid(
-        torch.arange(gh), torch.arange(gw), torch.arange(MERGE), torch.arange(MERGE), indexing="ij"
-    )
-    return torch.stack([bh * MERGE + mr, bw * MERGE + mc], dim=-1).reshape(-1, 2)
+def patch_positions(rows: int, cols: int) -> torch.Tensor:
+    """(row, col) of every patch of a ``rows x cols`` patch grid, row-major: ``[N, 2]``."""
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.stack([r, c], dim=-1).reshape(-1, 2)
 
 
 class Rope2D(nn.Module):
-    """Rotary embedding over patch rows (first half of each head) and columns (second half)."""
+    """Rotary angles over patch rows (first half of the rotary pairs) and columns (second half).
+
+    ``head_dim / 4`` frequencies ``theta ** (-k / (head_dim / 4))``; a patch at (r, c) turns pair
+    ``k`` by ``r * f_k`` and pair ``head_dim / 4 + k`` by ``c * f_k``.
+    """
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
@@ -95,12 +130,39 @@ class Rope2D(nn.Module):
 
 
 def _rotate(x_NHd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    a, b = x_NHd.chunk(2, dim=-1)
+    a, b = x_NHd.float().chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).to(x_NHd.dtype)
+
+
+def _attention_within_frames(q, k, v, frame_lengths: Sequence[int]) -> torch.Tensor:
+    """Bidirectional attention inside each frame; frames of equal length run as one batch."""
+    if len(set(frame_lengths)) == 1:
+        n = len(frame_lengths)
+        qb, kb, vb = (t.reshape(n, frame_lengths[0], *t.shape[1:]).transpose(1, 2)
+                      for t in (q, k, v))
+        return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
+    out = torch.empty_like(q)
+    starts = [0]
+    for length in frame_lengths:
+        starts.append(starts[-1] + length)
+    by_length: dict[int, list[int]] = {}
+    for i, length in enumerate(frame_lengths):
+        by_length.setdefault(length, []).append(starts[i])
+    for length, frame_starts in by_length.items():
+        index = (torch.tensor(frame_starts, device=q.device)[:, None]
+                 + torch.arange(length, device=q.device)).reshape(-1)
+        # [frames, heads, length, head_dim]
+        qb, kb, vb = (t[index].reshape(len(frame_starts), length, *t.shape[1:]).transpose(1, 2)
+                      for t in (q, k, v))
+        ob = F.scaled_dot_product_attention(qb, kb, vb)
+        out[index] = ob.transpose(1, 2).reshape(-1, *q.shape[1:])
+    return out
 
 
 class VisionBlock(nn.Module):
+    """One SigLIP encoder layer with 2D rotary attention (q, k, v fused into ``qkv``)."""
+
     def __init__(self, shape: VisionShape) -> None:
         super().__init__()
         d = shape.hidden_size
@@ -112,54 +174,66 @@ class VisionBlock(nn.Module):
         self.fc1 = nn.Linear(d, shape.ffn_hidden_size)
         self.fc2 = nn.Linear(shape.ffn_hidden_size, d)
 
-    def forward(self, x_ND: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x_ND: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 frame_lengths: Sequence[int]) -> torch.Tensor:
         n, d = x_ND.shape
         q, k, v = self.qkv(self.norm1(x_ND)).reshape(n, 3, self.num_heads, -1).unbind(1)
-        q, k = _rotate(q, *rope), _rotate(k, *rope)
+        if rope is not None:
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
         attn = _attention_within_frames(q, k, v, frame_lengths)
         x_ND = x_ND + self.proj(attn.reshape(n, d))
         return x_ND + self.fc2(F.gelu(self.fc1(self.norm2(x_ND)), approximate="tanh"))
 
 
-def _attention_within_frames(q, k, v, frame_lengths: Sequence[int]) -> torch.Tensor:
-    """Bidirectional attention inside each frame; frames of equal length run as one batch."""
-    out = torch.empty_like(q)
-    starts = [0]
-    for length in frame_lengths:
-        starts.append(starts[-1] + length)
-    by_length: dict[int, list[int]] = {}
-    for i, length in enumerate(frame_lengths):
-        by_length.setdefault(length, []).append(starts[i])
-    for length, frame_starts in by_length.items():
-        index = (torch.tensor(frame_starts)[:, None] + torch.arange(length)).reshape(-1)
-        # [frames, heads, length, head_dim]
-        qb, kb, vb = (t[index].reshape(len(frame_starts), length, *t.shape[1:]).transpose(1, 2)
-                      for t in (q, k, v))
-        ob = F.scaled_dot_product_attention(qb, kb, vb)
-        out[index] = ob.transpose(1, 2).reshape(-1, *q.shape[1:])
-    return out
-
-
 class VisionTransformer(nn.Module):
+    """Packed frames -> per-patch features ``[N, D]`` (each frame row-major over its patches)."""
+
     def __init__(self, shape: VisionShape) -> None:
         super().__init__()
-        self.patch_embed = nn.Linear(3 * PATCH * PATCH, shape.hidden_size)
+        self.shape = shape
+        self.patch_embed = nn.Conv2d(3, shape.hidden_size, PATCH, stride=PATCH)
+        self.pos_embed = nn.Embedding(shape.position_grid ** 2, shape.hidden_size)
         self.rope = Rope2D(shape.hidden_size // shape.num_heads, shape.rope_theta)
         self.blocks = nn.ModuleList(VisionBlock(shape) for _ in range(shape.num_layers))
         self.post_norm = nn.LayerNorm(shape.hidden_size, eps=shape.norm_epsilon)
 
-    def forward(self, patches_NP: torch.Tensor, positions_N2: torch.Tensor,
-                frame_lengths: Sequence[int]) -> torch.Tensor:
-        x = self.patch_embed(patches_NP)
-        rope = self.rope(positions_N2)
+    def position_embedding(self, rows: int, cols: int) -> torch.Tensor:
+        """The learned table resized to a ``rows x cols`` patch grid: ``[rows * cols, D]``
+        (bilinear, ``align_corners=False``; the identity at the pre-training grid)."""
+        g, d = self.shape.position_grid, self.shape.hidden_size
+        table = self.pos_embed.weight.reshape(1, g, g, d).permute(0, 3, 1, 2)
+        resized = F.interpolate(table.float(), size=(rows, cols), mode="bilinear",
+                                align_corners=False)
+        return resized.to(table.dtype).permute(0, 2, 3, 1).reshape(rows * cols, d)
+
+    def forward(self, frames: Sequence[torch.Tensor], *, rope: bool = True) -> torch.Tensor:
+        """uint8 frames ``[h, w, 3]`` (sides multiples of 14) -> ``[N, D]``.
+
+        ``rope=False`` turns the 2D rotary attention off (SigLIP's own attention), for checking
+        the rest of the tower against ``SiglipVisionModel``.
+        """
+        weight = self.patch_embed.weight
+        grids = [(f.shape[0] // PATCH, f.shape[1] // PATCH) for f in frames]
+        patches = torch.cat([patchify(f.to(weight.device)) for f in frames]).to(weight.dtype)
+        x = F.linear(patches.flatten(1), weight.flatten(1), self.patch_embed.bias)
+        cache: dict[tuple[int, int], torch.Tensor] = {}
+        for grid in grids:
+            if grid not in cache:
+                cache[grid] = self.position_embedding(*grid)
+        x = x + torch.cat([cache[g] for g in grids])
+        cos_sin = None
+        if rope:
+            positions = torch.cat([patch_positions(*g) for g in grids]).to(weight.device)
+            cos_sin = self.rope(positions)
+        lengths = [r * c for r, c in grids]
         for block in self.blocks:
-            x = block(x, rope, frame_lengths)
+            x = block(x, cos_sin, lengths)
         return self.post_norm(x)
 
 
 class Projector(nn.Module):
-    """Merge each 2x2 patch block (4 consecutive rows) and map it to the LLM width."""
+    """Merge each 2x2 patch block into ``4 * D`` (row, column, channel order) and map it to
+    the LLM width: LayerNorm(eps 1e-5), Linear, exact GELU, Linear."""
 
     def __init__(self, shape: VisionShape) -> None:
         super().__init__()
@@ -168,16 +242,24 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(merged, merged)
         self.fc2 = nn.Linear(merged, shape.llm_hidden_size)
 
-    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        x = x_ND.reshape(-1, x_ND.shape[-1] * MERGE * MERGE)
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+    def merge(self, x_ND: torch.Tensor, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Row-major patch features of frames with ``grids`` (patch rows, cols) -> ``[T, 4D]``,
+        row-major over each frame's 28-px grid."""
+        parts = []
+        for feats, (rows, cols) in zip(torch.split(x_ND, [r * c for r, c in grids]), grids,
+                                       strict=True):
+            d = feats.shape[-1]
+            blocks = feats.reshape(rows // MERGE, MERGE, cols // MERGE, MERGE, d)
+            parts.append(blocks.permute(0, 2, 1, 3, 4).reshape(-1, MERGE * MERGE * d))
+        return torch.cat(parts)
+
+    def forward(self, merged_TM: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(merged_TM))))
 
 
 class VisionEncoder(nn.Module):
-    """ViT + projector: frames (uint8 ``[h, w, 3]`` each) -> visual tokens ``[T, H]``.
-
-    Output rows are the frames' tokens in input order, each frame row-major over its 28-px grid.
-    """
+    """ViT + projector: frames (uint8 ``[h, w, 3]``, sides multiples of 28) -> visual tokens
+    ``[T, H]``: the frames' tokens in input order, each frame row-major over its 28-px grid."""
 
     def __init__(self, shape: VisionShape) -> None:
         super().__init__()
@@ -188,8 +270,7 @@ class VisionEncoder(nn.Module):
     def forward(self, frames: Sequence[torch.Tensor]) -> torch.Tensor:
         if not frames:
             return self.projector.fc2.weight.new_zeros(0, self.shape.llm_hidden_size)
-        patches = torch.cat([patchify(f) for f in frames])
-        positions = torch.cat([patch_positions(f.shape[0], f.shape[1]) for f in frames])
-        lengths = [frame_tokens(f.shape[0], f.shape[1]) * MERGE * MERGE for f in frames]
-        return self.projector(self.vit(patches, positions, lengths))
-
+        for f in frames:
+            frame_tokens(f.shape[0], f.shape[1])
+        grids = [(f.shape[0] // PATCH, f.shape[1] // PATCH) for f in frames]
+        return self.projector(self.projector.merge(self.vit(frames), grids))

@@ -3,9 +3,9 @@
 For global step ``s`` every rank, independently and identically:
 
 1. takes the next ``global_batch_size`` positions of the global order from the cursor
-   (`dataloader.mixture.Mixture`: position -> dataset, epoch, sample), reads their records from
-   the in-memory manifest and sizes them (`dataloader.sequence.sample_sizes`: layouts from
-   lengths only);
+   (`dataloader.mixture.Mixture`: position -> dataset, epoch, sample) and reads their planning
+   sizes from the manifest (``Manifest.planning_sizes``: only those rows; a columnar manifest
+   reads them from memory-mapped columns, without the conversation text);
 2. plans the step (`hetero_parallel.step_plan.plan_step`, keyed by position as sample id): the
    balancer's placement, this rank's routing table and its replica's micro-batch shapes;
 3. fetches what its role needs (`ParallelPlan.data_role`): a ViT rank decodes the frames of its
@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataloader.manifest import Manifest, Record
+from dataloader.manifest import Manifest
 from dataloader.mixture import Mixture
 from dataloader.sequence import (
     IMAGE_PAD,
@@ -60,7 +60,6 @@ from dataloader.sequence import (
     ByteTokenizer,
     SampleSizes,
     Tokenizer,
-    sample_sizes,
     tokenize,
 )
 from dataloader.state import STATE_VERSION, LoaderState
@@ -204,7 +203,9 @@ class StepLoader:
     """Loads global step after global step for one rank of ``plan``; resumable to the sample.
 
     Args:
-        manifest: every record, in memory on every rank (planning sizes every sample).
+        manifest: ``dataloader.manifest.open_manifest``'s JSONL (in memory) or columnar
+            (memory-mapped) manifest; only the rows of each global batch are read, and the text
+            and media of a row only by the ranks that need them.
         config: batch size, seed, mixture weights, planning and prefetch options.
         plan: the parallel layout; ``rank`` is this process's rank in it.
         cost_model: the balancer's cost model (the same on every rank).
@@ -296,15 +297,17 @@ class StepLoader:
         d = self.mixture.locate(position)
         row = int(self._rows[d.dataset][d.index])
         return SampleRef(position, self.mixture.names[d.dataset], d.epoch, d.index,
-                         self.manifest.records[row].id)
+                         self.manifest.record_id(row))
 
-    def _refs(self, positions: list[int]) -> dict[int, tuple[SampleRef, Record]]:
+    def _refs(self, positions: list[int]) -> dict[int, tuple[SampleRef, int]]:
+        """Position -> (its reference, its manifest row)."""
         ds, epoch, index = self.mixture.locate_many(np.asarray(positions, dtype=np.int64))
         out = {}
         for p, d, e, i in zip(positions, ds.tolist(), epoch.tolist(), index.tolist(),
                               strict=True):
-            record = self.manifest.records[int(self._rows[d][i])]
-            out[p] = (SampleRef(p, self.mixture.names[d], e, i, record.id), record)
+            row = int(self._rows[d][i])
+            out[p] = (SampleRef(p, self.mixture.names[d], e, i, self.manifest.record_id(row)),
+                      row)
         return out
 
     # -- state -------------------------------------------------------------------------------
@@ -328,23 +331,27 @@ class StepLoader:
         Raises `dataloader.state.IncompatibleStateError` (a ``ValueError``) naming the saved and
         the current value when the seed, global batch size, manifest or mixture differ.
         """
-        saved = LoaderState.from_dict(dict(state))
+        saved = LoaderState.from_dict(state)
         saved.check_compatible(self._state(0, 0, 0))
         self._restart(saved.cursor, saved.step)
         self._skipped = saved.skipped_samples
 
     # -- fetching (background thread or calling thread) ----------------------------------------
 
-    def _plan(self, rnd: _Round, refs: dict[int, tuple[SampleRef, Record]]) -> None:
+    def _plan(self, rnd: _Round, refs: dict[int, tuple[SampleRef, int]]) -> None:
+        missing = []
         for p in rnd.positions:
-            ref, record = refs[p]
-            rnd.refs[p] = ref
+            rnd.refs[p] = refs[p][0]
             if p not in rnd.sizes:
-                rnd.sizes[p] = sample_sizes(record, p, self.tokenizer)
+                missing.append(p)
+        if missing:
+            rows = np.asarray([refs[p][1] for p in missing], dtype=np.int64)
+            sizes = self.manifest.planning_sizes(rows, missing, self.tokenizer)
+            rnd.sizes.update(zip(missing, sizes, strict=True))
         rnd.plan = plan_step(self.plan, self.rank, [rnd.sizes[p].layout for p in rnd.positions],
                              self.cost_model, self.config.step)
 
-    def _fetch(self, rnd: _Round, records: dict[int, Record]) -> None:
+    def _fetch(self, rnd: _Round, rows: dict[int, int]) -> None:
         from io_server.client import IOServerError
         from io_server.media import MediaError
 
@@ -355,7 +362,7 @@ class StepLoader:
                 key = (ch.sample_id, ch.media_index, ch.frame_start, ch.frame_stop)
                 if key in rnd.pixels or ch.sample_id in rnd.bad:
                     continue
-                media = records[ch.sample_id].media[ch.media_index]
+                media = self.manifest.media(rows[ch.sample_id])[ch.media_index]
                 with self._lock:
                     self.counters.decode_requests += 1
                 try:
@@ -385,7 +392,7 @@ class StepLoader:
             for mb in batch.samples_for_replica(self.role.llm_replica):
                 for p in mb:
                     if p not in rnd.tokens:
-                        t = tokenize(records[p], p, self.tokenizer)
+                        t = tokenize(self.manifest.record(rows[p]), p, self.tokenizer)
                         rnd.tokens[p] = torch.from_numpy(t.token_ids * 2 + t.is_target)
                         with self._lock:
                             self.counters.token_loads += 1
@@ -394,7 +401,7 @@ class StepLoader:
         try:
             refs = self._refs(rnd.positions)
             self._plan(rnd, refs)
-            self._fetch(rnd, {p: r for p, (_, r) in refs.items()})
+            self._fetch(rnd, {p: row for p, (_, row) in refs.items()})
         except Exception as exc:  # noqa: BLE001 - every rank must learn of it in the agreement
             logger.exception("rank %d: loading step %d failed", self.rank, rnd.step)
             rnd.fatal = f"rank {self.rank}: {type(exc).__name__}: {exc}"
@@ -478,6 +485,12 @@ class StepLoader:
                 else:
                     self.counters.broadcasts_received += 1
         return list(torch.split(flat, lengths))
+
+    def set_cost_model(self, cost_model: CostModel) -> None:
+        """Plan the steps from the next one on with ``cost_model`` (online calibration): steps
+        already prefetched are planned again. Every rank must switch at the same step."""
+        self.cost_model = cost_model
+        self._restart(self._cursor, self._step)
 
     def _positions(self, step_plan: StepPlan, ids: tuple[int, ...]
                    ) -> list[torch.Tensor] | None:

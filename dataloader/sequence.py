@@ -196,7 +196,7 @@ def sample_sizes(record: Record, sample_id: int, tokenizer: Tokenizer) -> Sample
             tokens[m].append(n)
             positions[m].append(pos)
         if piece.target:
-            loss += n - (1 if pos == 0 else 0)
+            loss += n - (1 if pos == 0 and n else 0)
         pos += n
     grids = tuple(tuple((h // 28, w // 28) for h, w in zip(m.heights, m.widths, strict=True))
                   for m in record.media)

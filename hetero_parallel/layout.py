@@ -72,6 +72,20 @@ class SampleLayout:
                         raise ValueError(f"sample {self.sample_id} media {m} frame {f}: grid "
                                          f"{rows}x{cols} does not hold its {t} tokens")
 
+    @classmethod
+    def unchecked(cls, sample_id: int, seq_len: int, frame_tokens: tuple[tuple[int, ...], ...],
+                  frame_positions: tuple[tuple[int, ...], ...],
+                  frame_grids: tuple[tuple[tuple[int, int], ...], ...] = ()) -> SampleLayout:
+        """A layout from sizes validated elsewhere, without the per-frame checks (about a
+        microsecond per frame, ~0.2 s for a 16K-sample Keye batch): for a columnar manifest,
+        which checks its planning columns when it writes them and again when it reads them."""
+        layout = object.__new__(cls)
+        for name, value in (("sample_id", sample_id), ("seq_len", seq_len),
+                            ("frame_tokens", frame_tokens), ("frame_positions", frame_positions),
+                            ("frame_grids", frame_grids)):
+            object.__setattr__(layout, name, value)
+        return layout
+
     @property
     def num_visual_tokens(self) -> int:
         return sum(sum(t) for t in self.frame_tokens)

@@ -49,7 +49,9 @@ def test_index_command_probes_in_parallel_and_reports_unreadable_files(media, tm
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "probing media" in proc.stderr  # the tqdm bar
-    records = read_jsonl(out)
+    manifest = load_manifest(out)  # media paths are stored relative to the manifest's folder
+    assert not Path(manifest.records[0].media[0].path).is_absolute()
+    records = [manifest.record(row) for row in range(len(manifest))]
     report = [json.loads(x) for x in Path(f"{out}.bad.jsonl").read_text().splitlines()]
     assert sorted(r.id for r in records) == sorted(
         [f"clip{i}.mp4" for i in range(3)] + [f"img{i}.png" for i in range(3)])
@@ -176,3 +178,15 @@ def test_tokenized_prompt_layout_and_targets(media):
             answer = r.conversation[-1].content
             assert int(t.is_target.sum()) == len(answer.encode()) + 1
         assert sizes.loss_tokens == int(t.is_target[1:].sum())
+
+
+def test_an_empty_first_text_turn_has_no_loss_tokens():
+    """Position 0 predicts nothing, and an empty first piece must not count -1 loss tokens."""
+    from dataloader.planning import LayoutComputer
+    from dataloader.sequence import ByteTokenizer, sample_sizes, tokenize
+
+    record = Record("r", "text", (Turn("text", ""),))
+    tok = ByteTokenizer()
+    t = tokenize(record, 0, tok)
+    assert sample_sizes(record, 0, tok).loss_tokens == int(t.is_target[1:].sum()) == 0
+    assert LayoutComputer(tok).layout(record).loss_tokens == 0

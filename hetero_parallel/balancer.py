@@ -18,12 +18,20 @@ Every rank calls ``plan_global_batch`` with the same samples and gets a bit-iden
   the repair failed), with the numbers.
 - **ViT.** Each media item (an image, or a chunk of ``frames_per_chunk`` consecutive video frames)
   goes to one of ``num_vit_ranks`` ranks by LPT on ``CostModel`` ViT cost, wherever its sample's
-  text went.
+  text went. With ``split_vit_items``, an item above the fair share is split first (a chunk into
+  frames, a frame into contiguous token slices on distinct ranks, `BatchPlan.split_groups`), so
+  one max-size image no longer sets the ViT phase.
 
-Determinism: items are ordered by (decreasing cost, sample id, media index, first frame); ties
-between bins go to the lowest index. Costs are computed from exact integer sums, and a bin's load is
-the sum of its items' costs added in placement order, so the plan depends on nothing but the input
-(not on the order of ``samples`` either: everything is keyed by sample id).
+Options and baselines: ``pipeline=PipelineSchedule(...)`` picks the micro-batch count and order
+that minimise the simulated pipeline (`PipelineSchedule` states the rule); `plan_by_position` is
+Megatron's split by position (the LLaVA layout) and `plan_loongforge_style` a LoongForge-style
+per-micro-batch balancing, both for comparisons.
+
+Determinism: items are ordered by (decreasing cost, sample id, media index, first frame; a split
+frame's pieces as one unit); ties between bins go to the lowest index. Costs are computed from
+exact integer sums, and a bin's load is the sum of its items' costs added in placement order, so
+the plan depends on nothing but the input (not on the order of ``samples`` either: everything is
+keyed by sample id).
 
 The plan is stored as flat numpy arrays; the whole-batch tuple views (``microbatches``,
 ``media_chunks``) are built on first use, and the per-rank views (``samples_for_replica``,
@@ -37,6 +45,7 @@ bins runs as a windowed numpy loop (``lpt_assign``) and sizes travel as packed b
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import heapq
 import operator
@@ -132,14 +141,20 @@ class SampleSpec:
 
 
 # --- outputs ------------------------------------------------------------------------------------
-@dataclass(frozen=True, order=True)
+@functools.total_ordering
+@dataclass(frozen=True)
 class MediaChunk:
     """Frames ``[frame_start, frame_stop)`` of media item ``media_index`` of a sample, and the ViT
-    rank that encodes them.
+    rank that encodes them; tokens ``[token_start, token_stop)`` of them.
 
-    An image is the chunk ``[0, 1)``. A sample's visual tokens, in sequence order, are its chunks
-    sorted by ``(media_index, frame_start)`` (see ``BatchPlan.chunks_for_sample``). Chunks sort by
-    (sample id, media index, frame start), the order of ``BatchPlan.media_chunks``.
+    An image is the chunk ``[0, 1)``. An ordinary chunk has ``token_start = 0`` and ``token_stop``
+    its frames' total visual tokens. A *piece* of a split frame (`plan_global_batch` with
+    ``split_vit_items``) has ``frame_stop = frame_start + 1`` and holds that frame's visual tokens
+    ``[token_start, token_stop)`` (row-major, LLM tokens; ``patches_per_token`` ViT patches
+    each); the pieces of one frame sit on distinct ViT ranks (`BatchPlan.split_groups`). A
+    sample's visual tokens, in sequence order, are its chunks sorted by ``(media_index,
+    frame_start, token_start)`` (see ``BatchPlan.chunks_for_sample``). Chunks sort by (sample id,
+    media index, frame start, token start), the order of ``BatchPlan.media_chunks``.
     """
 
     sample_id: int
@@ -147,6 +162,119 @@ class MediaChunk:
     frame_start: int
     frame_stop: int
     vit_rank: int
+    token_start: int
+    token_stop: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_stop - self.token_start
+
+    def _key(self) -> tuple[int, ...]:
+        return (self.sample_id, self.media_index, self.frame_start, self.token_start,
+                self.frame_stop, self.token_stop, self.vit_rank)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, MediaChunk):
+            return NotImplemented
+        return self._key() < other._key()
+
+
+@dataclass(frozen=True)
+class SplitGroup:
+    """One frame split into contiguous token slices on distinct ViT ranks (sequence-parallel
+    attention: each rank's queries attend to the whole frame's keys and values, gathered from
+    the group's other ranks in ``vit_ranks`` order)."""
+
+    sample_id: int
+    media_index: int
+    frame: int
+    """Frame index within the media item (0 for an image)."""
+    frame_tokens: int
+    """The whole frame's visual tokens."""
+    token_bounds: tuple[int, ...]
+    """``k + 1`` increasing bounds from 0 to ``frame_tokens``: piece ``i`` holds tokens
+    ``[token_bounds[i], token_bounds[i + 1])``."""
+    vit_ranks: tuple[int, ...]
+    """ViT rank of each piece, in token order (all distinct)."""
+    chunks: tuple[int, ...]
+    """Index of each piece in ``BatchPlan.media_chunks``, in token order."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSchedule:
+    """The LLM pipeline a plan is made for: `plan_global_batch` then picks the micro-batch count
+    and order that minimise the simulated step of the slowest replica.
+
+    The rule (`_place_for_pipeline`): for every candidate count ``m`` (``microbatch_counts``, or
+    ``num_stages * 2**i`` up to ``num_microbatches`` and ``num_microbatches`` itself), samples are
+    placed as without this option (replicas by LPT on cost, micro-batches by LPT inside each
+    replica, so every micro-batch gets the same cost budget ``replica total / m`` under the
+    token cap) and ordered lightest at both ends, heaviest in the middle; then each replica's
+    order is improved by steepest descent over swaps of adjacent micro-batches (all replicas and
+    all swaps evaluated at once by `hetero_parallel.simulator.pipeline_times`, at most
+    ``swap_rounds`` rounds). The candidate whose slowest replica finishes first wins (ties: the
+    smaller ``m``). Counts the token cap cannot fill, or that megatron's interleaved schedule
+    refuses, are skipped. Equal budgets are deliberate: on the Keye-like mix, smaller
+    micro-batches at the ends (a ramp) simulated 5-8% slower than this order, because 1F1B's
+    limit of ``num_stages`` micro-batches in flight stalls the stages around a heavy one unless
+    its neighbours are heavy too.
+    """
+
+    num_stages: int
+    """Pipeline stages (megatron's PP)."""
+    num_chunks: int = 1
+    """Model chunks per stage (virtual pipeline size; interleaved 1F1B when > 1)."""
+    tp: int = 1
+    """Tensor-parallel GPUs that share a stage's work (scales times against ``p2p_s``)."""
+    p2p_s: float = 0.0
+    """Seconds added to every send between stages."""
+    microbatch_counts: tuple[int, ...] = ()
+    """Candidate micro-batch counts (default: see above)."""
+    swap_rounds: int = 16
+    """Rounds of the adjacent-swap descent (a count, so every rank stops at the same point)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_stages", "num_chunks", "tp"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"PipelineSchedule.{name} must be an int >= 1, got {v!r}")
+        if not _is_int(self.swap_rounds) or self.swap_rounds < 0:
+            raise ValueError(f"PipelineSchedule.swap_rounds must be an int >= 0, got "
+                             f"{self.swap_rounds!r}")
+        if self.num_chunks > 1 and self.num_stages < 2:
+            raise ValueError(f"PipelineSchedule: num_chunks({self.num_chunks}) > 1 needs "
+                             f"num_stages >= 2, got {self.num_stages}")
+        counts = tuple(self.microbatch_counts)
+        if any(not _is_int(c) or c < 1 for c in counts):
+            raise ValueError(f"PipelineSchedule.microbatch_counts must be ints >= 1, got "
+                             f"{counts!r}")
+        object.__setattr__(self, "microbatch_counts", counts)
+        if not isinstance(self.p2p_s, int | float) or not 0 <= self.p2p_s < float("inf"):
+            raise ValueError(f"PipelineSchedule.p2p_s must be a finite number >= 0, got "
+                             f"{self.p2p_s!r}")
+
+    def candidates(self, num_microbatches: int) -> list[int]:
+        """Micro-batch counts to try, at most ``num_microbatches``, increasing."""
+        if self.microbatch_counts:
+            counts = {c for c in self.microbatch_counts if c <= num_microbatches}
+        else:
+            counts = {num_microbatches}
+            c = self.num_stages
+            while c < num_microbatches:
+                counts.add(c)
+                c *= 2
+        if self.num_chunks > 1:  # megatron's interleaved schedule: groups of num_stages
+            pp = self.num_stages
+            counts = {c for c in counts if c >= pp and not 0 < c % pp < pp}
+        return sorted(counts)
+
+    def makespans(self, microbatch_costs: np.ndarray) -> np.ndarray:
+        """Simulated pipeline makespan of each replica (leading axes) for whole-model costs
+        ``microbatch_costs[..., m]`` in pipeline order."""
+        from hetero_parallel.simulator import pipeline_times, stage_times
+
+        fwd, bwd = stage_times(microbatch_costs, self.num_stages, self.num_chunks, self.tp)
+        return pipeline_times(fwd, bwd, num_stages=self.num_stages, p2p_s=self.p2p_s)[0]
 
 
 @dataclass(frozen=True)
@@ -205,8 +333,11 @@ class BatchPlan:
 
     Arrays (read-only, int64 unless noted):
     - ``sample_ids[i]``, ``replica[i]``, ``microbatch[i]`` for sample ``i`` in increasing id order;
-    - ``chunk_*[k]`` for chunk ``k`` in (sample id, media index, frame start) order
-      (``chunk_tokens``: the visual tokens it yields, to size the ViT -> LLM exchange);
+    - ``chunk_*[k]`` for chunk ``k`` in (sample id, media index, frame start, token start) order
+      (``chunk_tokens``: the visual tokens it yields, to size the ViT -> LLM exchange;
+      ``chunk_token_start`` / ``chunk_token_stop``: its token range, see `MediaChunk`;
+      ``chunk_cost`` (float64): its modelled ViT seconds; ``chunk_split_group``: index into
+      ``split_groups()`` for a piece of a split frame, -1 otherwise);
     - ``microbatch_costs[r, j]`` (float64) the LLM cost of micro-batch ``j`` of replica ``r``.
     """
 
@@ -225,6 +356,10 @@ class BatchPlan:
     chunk_vit_rank: np.ndarray
     chunk_tokens: np.ndarray
     """LLM tokens (visual embeddings after the patch merge) each chunk produces."""
+    chunk_token_start: np.ndarray
+    chunk_token_stop: np.ndarray
+    chunk_cost: np.ndarray
+    chunk_split_group: np.ndarray
     llm_report: PhaseReport
     vit_report: PhaseReport
 
@@ -285,6 +420,31 @@ class BatchPlan:
         lo, hi = np.searchsorted(self.chunk_sample_id, [sample_id, sample_id + 1])
         return self._chunks(np.arange(lo, hi))
 
+    def split_groups(self) -> tuple[SplitGroup, ...]:
+        """Every split frame with its pieces in token order, in (sample id, media index, frame)
+        order; empty unless the plan was made with ``split_vit_items``. O(chunks)."""
+        return self._split_groups
+
+    @cached_property
+    def _split_groups(self) -> tuple[SplitGroup, ...]:
+        rows = np.flatnonzero(self.chunk_split_group >= 0)
+        if not rows.size:
+            return ()
+        bounds = _offsets(self.chunk_split_group[rows], int(self.chunk_split_group[rows].max()) + 1)
+        out = []
+        for g in range(bounds.size - 1):
+            k = rows[bounds[g]:bounds[g + 1]]  # pieces are contiguous and in token order
+            first = int(k[0])
+            out.append(SplitGroup(
+                sample_id=int(self.chunk_sample_id[first]),
+                media_index=int(self.chunk_media_index[first]),
+                frame=int(self.chunk_frame_start[first]),
+                frame_tokens=int(self.chunk_token_stop[k[-1]]),
+                token_bounds=(0, *self.chunk_token_stop[k].tolist()),
+                vit_ranks=tuple(self.chunk_vit_rank[k].tolist()),
+                chunks=tuple(k.tolist())))
+        return tuple(out)
+
     # --- comparison ---
     def digest(self) -> str:
         """SHA-256 of every assignment (not the reports): equal digests, identical plans."""
@@ -293,14 +453,16 @@ class BatchPlan:
                             dtype="<i8").tobytes())
         for arr in (self.sample_ids, self.replica, self.microbatch, self.chunk_sample_id,
                     self.chunk_media_index, self.chunk_frame_start, self.chunk_frame_stop,
-                    self.chunk_vit_rank, self.chunk_tokens):
+                    self.chunk_vit_rank, self.chunk_tokens, self.chunk_token_start,
+                    self.chunk_token_stop):
             h.update(np.ascontiguousarray(arr, dtype="<i8").tobytes())
         return h.hexdigest()
 
     def _chunks(self, rows: np.ndarray) -> tuple[MediaChunk, ...]:
         cols = (self.chunk_sample_id[rows].tolist(), self.chunk_media_index[rows].tolist(),
                 self.chunk_frame_start[rows].tolist(), self.chunk_frame_stop[rows].tolist(),
-                self.chunk_vit_rank[rows].tolist())
+                self.chunk_vit_rank[rows].tolist(), self.chunk_token_start[rows].tolist(),
+                self.chunk_token_stop[rows].tolist())
         return tuple(MediaChunk(*c) for c in zip(*cols, strict=True))
 
     def _position(self, sample_id: int) -> int:
@@ -326,8 +488,23 @@ def plan_global_batch(
     max_tokens_per_microbatch: int | None = None,
     equal_samples_per_replica: bool = False,
     frames_per_chunk: int = DEFAULT_FRAMES_PER_CHUNK,
+    split_vit_items: bool = False,
+    split_share: float = 1.0,
+    pipeline: PipelineSchedule | None = None,
 ) -> BatchPlan:
     """Place one global batch (see the module docstring for the rules).
+
+    ``pipeline``: choose the micro-batch count and order for this pipeline by simulating it
+    (`PipelineSchedule`); ``num_microbatches`` is then the largest count tried and the plan's
+    ``num_microbatches`` the one chosen.
+
+    ``split_vit_items``: a ViT item costing more than ``split_share`` times the fair share
+    (total ViT cost / ``num_vit_ranks``) is split: a chunk of several frames into single frames,
+    and a frame still above it into ``k`` contiguous token slices on ``k`` distinct ViT ranks,
+    the fewest whose slices (``CostModel.vit_piece_cost``: queries against the whole frame, plus
+    the K/V exchange) each fit under that share, ``k <= min(num_vit_ranks, frame tokens)``
+    (`BatchPlan.split_groups`). Off by default: the ViT must run sequence-parallel attention for
+    split frames.
 
     Raises ``ValueError`` (naming the values) for: a non-positive count; duplicate sample ids; fewer
     samples than ``num_replicas * num_microbatches`` (every micro-batch needs one); a sample longer
@@ -343,6 +520,8 @@ def plan_global_batch(
     cap = max_tokens_per_microbatch
     if cap is not None and (not _is_int(cap) or cap < 1):
         raise ValueError(f"max_tokens_per_microbatch must be an int >= 1 or None, got {cap!r}")
+    if not isinstance(split_share, int | float) or not 0 < split_share < float("inf"):
+        raise ValueError(f"split_share must be a finite number > 0, got {split_share!r}")
 
     n = len(samples)
     header = np.frombuffer(b"".join(map(_HEADER_BYTES, samples)), dtype=_HEADER).reshape(n, 3)
@@ -370,18 +549,20 @@ def plan_global_batch(
         )
 
     llm_cost = np.asarray(cost_model.llm_cost(tokens), dtype=np.float64)
-    replica, microbatch, mb_costs = _place_samples(
-        llm_cost, tokens, ids, num_replicas, num_microbatches, cap,
-        n // num_replicas if equal_samples_per_replica else None,
-    )
-    microbatch, mb_costs = _pipeline_order(replica, microbatch, mb_costs, ids)
+    quota = n // num_replicas if equal_samples_per_replica else None
+    if pipeline is None:
+        replica, microbatch, mb_costs = _place_samples(
+            llm_cost, tokens, ids, num_replicas, num_microbatches, cap, quota)
+        microbatch, mb_costs = _pipeline_order(replica, microbatch, mb_costs, ids)
+    else:
+        replica, microbatch, mb_costs = _place_for_pipeline(
+            llm_cost, tokens, ids, num_replicas, num_microbatches, cap, quota, pipeline)
+        num_microbatches = mb_costs.shape[1]
 
-    chunks = _media_chunks(samples, ids, media_count, frames_per_chunk, cost_model)
-    vit_cost = chunks[-1]
-    # Chunks are in (sample id, media index, frame start) order: a stable sort breaks ties so.
-    order = np.argsort(-vit_cost, kind="stable")
-    vit_rank = np.empty(vit_cost.size, dtype=np.int64)
-    vit_rank[order], vit_loads = lpt_assign(vit_cost[order], num_vit_ranks)
+    chunks = _media_chunks(samples, ids, media_count, frames_per_chunk, cost_model,
+                           split_share=split_share if split_vit_items else None,
+                           num_vit_ranks=num_vit_ranks)
+    vit_rank, vit_loads = _place_vit(chunks, num_vit_ranks)
     return _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks, vit_rank,
                      vit_loads, num_replicas, num_microbatches, num_vit_ranks)
 
@@ -427,14 +608,14 @@ def plan_by_position(
     np.add.at(mb_costs, (replica, microbatch), llm_cost)
 
     chunks = _media_chunks(samples, ids, media_count, frames_per_chunk, cost_model)
-    chunk_replica = replica[np.searchsorted(ids, chunks[0])]
+    chunk_replica = replica[np.searchsorted(ids, chunks.sample_id)]
     vit_rank = np.empty(chunk_replica.size, dtype=np.int64)
     for r in range(num_replicas):
         rows = np.flatnonzero(chunk_replica == r)
         vit_rank[rows] = np.asarray(replica_vit_ranks[r])[np.arange(rows.size)
                                                           % len(replica_vit_ranks[r])]
     vit_loads = np.zeros(num_vit_ranks)
-    np.add.at(vit_loads, vit_rank, chunks[-1])
+    np.add.at(vit_loads, vit_rank, chunks.cost)
     return _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks, vit_rank,
                      vit_loads, num_replicas, num_microbatches, num_vit_ranks)
 
@@ -446,14 +627,16 @@ def _contiguous_split(n: int, parts: int) -> np.ndarray:
     return np.repeat(np.arange(parts), sizes)
 
 
-def _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks, vit_rank, vit_loads,
-              num_replicas: int, num_microbatches: int, num_vit_ranks: int) -> BatchPlan:
-    chunk_ids, media_index, start, stop, chunk_tokens, vit_cost = chunks
+def _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks: _Chunks, vit_rank,
+              vit_loads, num_replicas: int, num_microbatches: int,
+              num_vit_ranks: int) -> BatchPlan:
     arrays = dict(
         sample_ids=ids, replica=replica, microbatch=microbatch, sample_tokens=tokens,
-        microbatch_costs=mb_costs, chunk_sample_id=chunk_ids, chunk_media_index=media_index,
-        chunk_frame_start=start, chunk_frame_stop=stop, chunk_vit_rank=vit_rank,
-        chunk_tokens=chunk_tokens,
+        microbatch_costs=mb_costs, chunk_sample_id=chunks.sample_id,
+        chunk_media_index=chunks.media_index, chunk_frame_start=chunks.frame_start,
+        chunk_frame_stop=chunks.frame_stop, chunk_vit_rank=vit_rank, chunk_tokens=chunks.tokens,
+        chunk_token_start=chunks.token_start, chunk_token_stop=chunks.token_stop,
+        chunk_cost=chunks.cost, chunk_split_group=chunks.split_group,
     )
     for arr in arrays.values():
         arr.flags.writeable = False
@@ -462,9 +645,68 @@ def _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks, vit_
         num_microbatches=num_microbatches,
         num_vit_ranks=num_vit_ranks,
         llm_report=PhaseReport.build(mb_costs.sum(axis=1), llm_cost, ids),
-        vit_report=PhaseReport.build(vit_loads, vit_cost, np.arange(chunk_ids.size)),
+        vit_report=PhaseReport.build(vit_loads, chunks.cost, np.arange(chunks.size)),
         **arrays,
     )
+
+
+def _place_vit(chunks: _Chunks, num_vit_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ViT rank of each chunk, load of each rank): LPT over ViT ranks, the pieces of a split
+    frame placed as one unit on distinct ranks.
+
+    Units (a chunk, or all pieces of one split frame) go in decreasing cost (a group: its
+    largest piece), ties in chunk order. A chunk goes to the least-loaded rank; a group's pieces,
+    largest first (ties: token order), to the least-loaded ranks, one each, which is where
+    placing them one at a time on ranks not yet used by the group would put them.
+    """
+    cost, group = chunks.cost, chunks.split_group
+    if not (group >= 0).any():
+        # Chunks are in (sample id, media index, frame start) order: a stable sort breaks ties so.
+        order = np.argsort(-cost, kind="stable")
+        vit_rank = np.empty(cost.size, dtype=np.int64)
+        vit_rank[order], loads = lpt_assign(cost[order], num_vit_ranks)
+        return vit_rank, loads
+    n = cost.size
+    unit = np.where(group >= 0, -1, np.arange(n))
+    grouped = np.flatnonzero(group >= 0)
+    n_groups = int(group[grouped].max()) + 1
+    unit[grouped] = n + group[grouped]  # group units after every chunk index
+    unit_cost = np.full(n + n_groups, -np.inf)
+    np.maximum.at(unit_cost, unit, cost)
+    unit_first = np.full(n + n_groups, n, dtype=np.int64)
+    np.minimum.at(unit_first, unit, np.arange(n))
+    live = np.flatnonzero(unit_first < n)
+    units = live[np.lexsort((unit_first[live], -unit_cost[live]))]
+    members = _offsets(group[grouped], n_groups)
+    vit_rank = np.empty(n, dtype=np.int64)
+    order, loads = np.arange(num_vit_ranks), np.zeros(num_vit_ranks)
+    singles: list[int] = []
+
+    def flush() -> None:
+        nonlocal order, loads
+        if singles:
+            rows = np.asarray(singles, dtype=np.int64)
+            vit_rank[rows], order, loads = _lpt_run(cost[rows], order, loads)
+            singles.clear()
+
+    for u in units.tolist():
+        if u < n:
+            singles.append(u)
+            continue
+        flush()
+        pieces = grouped[members[u - n]:members[u - n + 1]]
+        pieces = pieces[np.lexsort((pieces, -cost[pieces]))]
+        k = pieces.size
+        vit_rank[pieces] = order[:k]
+        loads = loads.copy()
+        loads[:k] += cost[pieces]
+        perm = np.argsort(loads, kind="stable")
+        loads, order = loads[perm], order[perm]
+        _sort_ties_by_index(loads, order)
+    flush()
+    final = np.empty(num_vit_ranks)
+    final[order] = loads
+    return vit_rank, final
 
 
 # --- LPT over identical bins --------------------------------------------------------------------
@@ -480,11 +722,21 @@ def lpt_assign(costs: np.ndarray, num_bins: int,
     Once windows shrink below ``heap_below`` items (small items filling the lowest bins one by one)
     the rest runs as the heap loop, which is faster there.
     """
+    out, order, loads = _lpt_run(costs, np.arange(num_bins), np.zeros(num_bins),
+                                 heap_below=heap_below)
+    final = np.empty(num_bins)
+    final[order] = loads
+    return out, final
+
+
+def _lpt_run(costs: np.ndarray, order: np.ndarray, loads: np.ndarray, *, heap_below: int = 16
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`lpt_assign` continued from a state: bins ``order`` with ``loads``, sorted by (load, bin).
+    Returns (bin of each item, the new state)."""
     costs = np.asarray(costs, dtype=np.float64)
     n = costs.size
+    num_bins = order.size
     out = np.empty(n, dtype=np.int64)
-    order = np.arange(num_bins)
-    loads = np.zeros(num_bins)  # loads[k] is the load of bin order[k]; sorted by (load, bin)
     pos = 0
     while pos < n:
         k = min(num_bins, n - pos)
@@ -492,31 +744,30 @@ def lpt_assign(costs: np.ndarray, num_bins: int,
         blocked = np.flatnonzero(loads[1:k] >= np.minimum.accumulate(new[:-1]))
         width = int(blocked[0]) + 1 if blocked.size else k
         if width < heap_below and width < n - pos:
-            return _lpt_heap_tail(costs, pos, out, order, loads)
+            out[pos:], order, loads = _lpt_heap_tail(costs[pos:], order, loads)
+            return out, order, loads
         out[pos:pos + width] = order[:width]
+        loads = loads.copy()
         loads[:width] = new[:width]
         perm = np.argsort(loads, kind="stable")
         loads, order = loads[perm], order[perm]
         _sort_ties_by_index(loads, order)
         pos += width
-    final = np.empty(num_bins)
-    final[order] = loads
-    return out, final
+    return out, order, loads
 
 
-def _lpt_heap_tail(costs: np.ndarray, pos: int, out: np.ndarray, order: np.ndarray,
-                   loads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _lpt_heap_tail(costs: np.ndarray, order: np.ndarray, loads: np.ndarray
+                   ) -> tuple[list[int], np.ndarray, np.ndarray]:
     heap = list(zip(loads.tolist(), order.tolist(), strict=True))  # sorted, hence a heap
     chosen = []
     replace = heapq.heapreplace
-    for c in costs[pos:].tolist():
+    for c in costs.tolist():
         load, b = heap[0]
         replace(heap, (load + c, b))
         chosen.append(b)
-    out[pos:] = chosen
-    final = np.empty(len(heap))
-    final[[b for _, b in heap]] = [load for load, _ in heap]
-    return out, final
+    heap.sort()
+    return (chosen, np.asarray([b for _, b in heap], dtype=np.int64),
+            np.asarray([load for load, _ in heap], dtype=np.float64))
 
 
 def _sort_ties_by_index(loads: np.ndarray, order: np.ndarray) -> None:
@@ -995,6 +1246,120 @@ def _bins_needed(tokens: np.ndarray, cap: int) -> int:
     return int(np.max(over + mid + np.maximum(0, -(-spill // cap))))
 
 
+def _place_for_pipeline(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray,
+                        num_replicas: int, num_microbatches: int, cap: int | None,
+                        quota: int | None, pipeline: PipelineSchedule
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(replica, micro-batch, micro-batch costs) by the rule of `PipelineSchedule`."""
+    best = None
+    errors = []
+    for m in pipeline.candidates(num_microbatches):
+        if m * num_replicas > cost.size:
+            continue
+        try:
+            replica, mb, mb_costs = _place_samples(cost, tokens, ids, num_replicas, m, cap, quota)
+        except ValueError as e:
+            errors.append(e)
+            continue
+        mb, mb_costs = _pipeline_order(replica, mb, mb_costs, ids)
+        perm, span = _swap_descent(mb_costs, pipeline)
+        if best is None or span < best[0]:
+            rows = np.arange(num_replicas)[:, None]
+            slot = np.empty_like(perm)
+            slot[rows, perm] = np.arange(m)  # slot[r, j]: new position of micro-batch j
+            best = (span, replica, slot[replica, mb], mb_costs[rows, perm])
+    if best is None:
+        if errors:
+            raise errors[-1]
+        raise ValueError(f"PipelineSchedule: no micro-batch count in "
+                         f"{pipeline.candidates(num_microbatches)} fits {cost.size} samples on "
+                         f"{num_replicas} replicas")
+    return best[1], best[2], best[3]
+
+
+def _swap_descent(mb_costs: np.ndarray, pipeline: PipelineSchedule
+                  ) -> tuple[np.ndarray, float]:
+    """``(perm[r, position] = micro-batch, slowest makespan)``: each replica's order improved by
+    steepest descent over adjacent swaps of the simulated makespan."""
+    r, m = mb_costs.shape
+    perm = np.tile(np.arange(m), (r, 1))
+    cur = mb_costs.copy()
+    span = pipeline.makespans(cur)
+    rows = np.arange(r)
+    idx = np.arange(m - 1)
+    for _ in range(pipeline.swap_rounds if m > 1 else 0):
+        cand = np.repeat(cur[:, None, :], m - 1, axis=1)
+        cand[:, idx, idx], cand[:, idx, idx + 1] = cur[:, idx + 1], cur[:, idx]
+        spans = pipeline.makespans(cand)
+        j = np.argmin(spans, axis=1)
+        better = spans[rows, j] < span
+        if not better.any():
+            break
+        b = rows[better]
+        jb = j[better]
+        cur[b] = cand[b, jb]
+        span[b] = spans[b, jb]
+        perm[b, jb], perm[b, jb + 1] = perm[b, jb + 1], perm[b, jb]
+    return perm, float(span.max())
+
+
+def plan_loongforge_style(
+    samples: Sequence[SampleSpec],
+    cost_model: CostModel,
+    *,
+    num_replicas: int,
+    num_microbatches: int,
+    num_vit_ranks: int,
+    frames_per_chunk: int = DEFAULT_FRAMES_PER_CHUNK,
+) -> BatchPlan:
+    """A strong baseline in the style of LoongForge's data-parallel balancing.
+
+    - LLM: the samples in data order (increasing id) are cut into ``num_microbatches``
+      contiguous global micro-batches (the first ``n % num_microbatches`` one longer); inside
+      global micro-batch ``j`` the samples go, by LPT on ``CostModel.llm_cost``, to the replica
+      with the least cost so far counting its micro-batches ``0..j`` (LoongForge's
+      cross-micro-batch balance), ties to the lowest index, the last ones only to replicas
+      still empty in ``j``. Micro-batches keep the data order (no pipeline-aware order).
+    - ViT: whole items (images, chunks of ``frames_per_chunk`` frames) by LPT over all
+      ``num_vit_ranks`` ranks, as `plan_global_batch` without splitting.
+
+    LoongForge balances each micro-batch only when it is imbalanced by 20% or more; here every
+    one is balanced, which only makes the baseline stronger.
+    """
+    for name, value in (("num_replicas", num_replicas), ("num_microbatches", num_microbatches),
+                        ("num_vit_ranks", num_vit_ranks), ("frames_per_chunk", frames_per_chunk)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    n = len(samples)
+    if n < num_replicas * num_microbatches:
+        raise ValueError(f"{n} samples cannot fill num_replicas({num_replicas}) * "
+                         f"num_microbatches({num_microbatches}) micro-batches")
+    header = np.frombuffer(b"".join(map(_HEADER_BYTES, samples)), dtype=_HEADER).reshape(n, 3)
+    by_id = np.argsort(header[:, 0], kind="stable")
+    ids, tokens, media_count = (np.ascontiguousarray(col) for col in header[by_id].T)
+    samples = [samples[i] for i in by_id.tolist()]
+    llm_cost = np.asarray(cost_model.llm_cost(tokens), dtype=np.float64)
+    microbatch = _contiguous_split(n, num_microbatches)
+    replica = np.empty(n, dtype=np.int64)
+    load = [0.0] * num_replicas
+    for j in range(num_microbatches):
+        rows = np.flatnonzero(microbatch == j)
+        rows = rows[np.argsort(-llm_cost[rows], kind="stable")]
+        empty = set(range(num_replicas))
+        for left, i in zip(range(rows.size, 0, -1), rows.tolist(), strict=True):
+            pool = sorted(empty) if left == len(empty) else range(num_replicas)
+            r = min(pool, key=lambda q: (load[q], q))
+            replica[i] = r
+            load[r] += float(llm_cost[i])
+            empty.discard(r)
+    mb_costs = np.zeros((num_replicas, num_microbatches))
+    np.add.at(mb_costs, (replica, microbatch), llm_cost)
+    chunks = _media_chunks(samples, ids, media_count, frames_per_chunk, cost_model)
+    vit_rank, vit_loads = _place_vit(chunks, num_vit_ranks)
+    return _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks, vit_rank,
+                     vit_loads, num_replicas, num_microbatches, num_vit_ranks)
+
+
 def _pipeline_order(replica: np.ndarray, microbatch: np.ndarray, mb_costs: np.ndarray,
                     ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Renumber each replica's micro-batches: lightest first, second lightest last, and so on
@@ -1014,14 +1379,40 @@ def _pipeline_order(replica: np.ndarray, microbatch: np.ndarray, mb_costs: np.nd
 
 
 # --- ViT items ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Chunks:
+    """Column arrays of every ViT work item, in (sample id, media index, frame start, token
+    start) order."""
+
+    sample_id: np.ndarray
+    media_index: np.ndarray
+    frame_start: np.ndarray
+    frame_stop: np.ndarray
+    tokens: np.ndarray
+    token_start: np.ndarray
+    token_stop: np.ndarray
+    split_group: np.ndarray
+    cost: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return self.cost.size
+
+
 def _media_chunks(samples: Sequence[SampleSpec], ids: np.ndarray, media_count: np.ndarray,
-                  frames_per_chunk: int, cost_model: CostModel) -> tuple[np.ndarray, ...]:
-    """(sample id, media index, frame start, frame stop, tokens, ViT cost) of every chunk, in
-    (sample id, media index, frame start) order. Images are never split."""
+                  frames_per_chunk: int, cost_model: CostModel, *,
+                  split_share: float | None = None, num_vit_ranks: int = 1) -> _Chunks:
+    """Every chunk of ``frames_per_chunk`` consecutive frames of each media item (an image is one
+    chunk), in (sample id, media index, frame start) order, with its ViT cost.
+
+    With ``split_share`` (see `plan_global_batch`), items costing more than ``split_share *
+    total / num_vit_ranks`` are split: a multi-frame chunk into single frames, and a frame still
+    above it into ``k`` contiguous token slices (`_split_count`), each of cost
+    ``CostModel.vit_piece_cost``."""
     nf = np.frombuffer(b"".join(map(_MEDIA_FRAMES_BYTES, samples)), dtype=_WIRE).astype(np.int64)
     if nf.size == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, empty, empty, empty.copy(), np.zeros(0)
+        e = np.zeros(0, dtype=np.int64)
+        return _Chunks(e, e, e, e, e, e, e, e, np.zeros(0))
     frame_tokens = np.frombuffer(b"".join(map(_FRAME_BYTES, samples)),
                                  dtype=_WIRE).astype(np.int64)
     media_sample = np.repeat(ids, media_count)
@@ -1034,14 +1425,76 @@ def _media_chunks(samples: Sequence[SampleSpec], ids: np.ndarray, media_count: n
     ordinal = np.arange(chunk_media.size) - np.repeat(np.cumsum(per_media) - per_media, per_media)
     start = ordinal * frames_per_chunk
     stop = np.minimum(start + frames_per_chunk, nf[chunk_media])
+    tokens, cost = _chunk_cost(frame_tokens, media_frame0[chunk_media] + start, stop - start,
+                               cost_model)
+    token_start = np.zeros_like(tokens)
+    token_stop = tokens.copy()
+    group = np.full(tokens.size, -1, dtype=np.int64)
 
+    if split_share is not None and cost.size:
+        threshold = split_share * float(cost.sum()) / num_vit_ranks
+        # 1. multi-frame chunks over the threshold become single frames
+        reps = np.where((cost > threshold) & (stop - start > 1), stop - start, 1)
+        if (reps > 1).any():
+            row = np.repeat(np.arange(cost.size), reps)
+            offset = np.arange(row.size) - np.repeat(np.cumsum(reps) - reps, reps)
+            chunk_media, start = chunk_media[row], start[row] + offset
+            stop = np.where(reps[row] > 1, start + 1, stop[row])
+            tokens, cost = _chunk_cost(frame_tokens, media_frame0[chunk_media] + start,
+                                       stop - start, cost_model)
+        # 2. single frames over the threshold become k token slices on distinct ranks
+        single = (stop - start == 1) & (cost > threshold)
+        k = np.ones(cost.size, dtype=np.int64)
+        k[single] = _split_count(tokens[single], cost_model, threshold, num_vit_ranks)
+        row = np.repeat(np.arange(cost.size), k)
+        piece = np.arange(row.size) - np.repeat(np.cumsum(k) - k, k)
+        kr, whole = k[row], tokens[row]
+        token_start = piece * whole // kr
+        token_stop = (piece + 1) * whole // kr
+        split = kr > 1
+        group = np.where(split, np.cumsum(np.concatenate(([0], (k > 1)[:-1].astype(np.int64))))
+                         [row], -1)
+        chunk_media, start, stop = chunk_media[row], start[row], stop[row]
+        cost = np.where(split, cost_model.vit_piece_cost(
+            (token_stop - token_start) * cost_model.patches_per_token,
+            whole * cost_model.patches_per_token), cost[row])
+        tokens = token_stop - token_start
+    return _Chunks(media_sample[chunk_media], media_index[chunk_media], start, stop, tokens,
+                   token_start, token_stop, group, np.asarray(cost, dtype=np.float64))
+
+
+def _chunk_cost(frame_tokens: np.ndarray, first: np.ndarray, count: np.ndarray,
+                cost_model: CostModel) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, ViT cost) of runs of ``count`` frames starting at ``first`` in
+    ``frame_tokens``, from exact integer sums."""
+    ends = first + count
+    cum = np.concatenate(([0], np.cumsum(frame_tokens)))
     patches = frame_tokens * cost_model.patches_per_token
-    first = media_frame0[chunk_media] + start
-    tokens = np.add.reduceat(frame_tokens, first)
-    sum_p = np.add.reduceat(patches, first)
-    sum_p2 = np.add.reduceat(patches * patches, first)
-    cost = np.asarray(cost_model.group_cost("vit", sum_p, sum_p2, stop - start), dtype=np.float64)
-    return media_sample[chunk_media], media_index[chunk_media], start, stop, tokens, cost
+    cum_p2 = np.concatenate(([0], np.cumsum(patches * patches)))
+    tokens = cum[ends] - cum[first]
+    sum_p = tokens * cost_model.patches_per_token
+    sum_p2 = cum_p2[ends] - cum_p2[first]
+    cost = np.asarray(cost_model.group_cost("vit", sum_p, sum_p2, count), dtype=np.float64)
+    return tokens, cost
+
+
+def _split_count(tokens: np.ndarray, cost_model: CostModel, threshold: float,
+                 num_vit_ranks: int) -> np.ndarray:
+    """Pieces for frames of ``tokens`` visual tokens: the fewest ``k`` whose equal slices each
+    cost at most ``threshold`` (a slice of ``P/k`` patches costs ``D/k + c_v + x_v*P`` with
+    ``D = a_v*P + b_v*P**2 - x_v*P``), at most ``min(num_vit_ranks, tokens)``; 1 when splitting
+    cannot lower a slice's cost (``D <= 0``: the exchange costs more than the compute it
+    spreads), the maximum when no ``k`` reaches the threshold."""
+    p = tokens.astype(np.float64) * cost_model.patches_per_token
+    a, b, c = cost_model.coefficients("vit")
+    x = cost_model.vit_exchange
+    spread = a * p + b * p * p - x * p
+    room = threshold - c - x * p
+    k_max = np.minimum(num_vit_ranks, tokens)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        need = np.where(room > 0, np.ceil(spread / np.where(room > 0, room, 1.0)), np.inf)
+    k = np.where(need >= k_max, k_max, np.maximum(need, 1)).astype(np.int64)
+    return np.where(spread > 0, k, 1)
 
 
 # --- helpers ------------------------------------------------------------------------------------

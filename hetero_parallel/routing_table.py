@@ -8,7 +8,8 @@ go in its micro-batches. `hetero_parallel.routing.route` runs the exchange the t
 
 Contracts:
 - A ViT rank's output rows are its chunks' tokens: chunks in ``BatchPlan.chunks_for_vit_rank``
-  order, frames in order inside a chunk, tokens row-major inside a frame.
+  order, frames in order inside a chunk, tokens row-major inside a frame; a piece of a split
+  frame yields only its token range.
 - A first-stage rank of replica ``d`` with context-parallel coordinate ``c`` receives every visual
   token of its micro-batches that megatron's CP split puts on ``c``: a padded row of length ``S``
   (or, packed, each sample's padded span) is cut into ``2 * cp`` equal parts and rank ``c`` keeps
@@ -73,14 +74,21 @@ class RoutingTable:
 
 
 def _frame_rows(chunks, layouts: dict[int, SampleLayout]) -> np.ndarray:
-    """Per frame of ``chunks``, in order: ``[sample id, first position, tokens, ViT rank]``."""
+    """Per frame (or part of a frame) of ``chunks``, in order: ``[sample id, first position,
+    tokens, ViT rank]``. A chunk covers tokens ``[token_start, token_stop)`` of its frames laid
+    end to end (a piece of a split frame covers part of one frame)."""
     out = []
     for ch in chunks:
         layout = layouts[ch.sample_id]
         toks = layout.frame_tokens[ch.media_index]
         poss = layout.frame_positions[ch.media_index]
+        offset = 0
         for f in range(ch.frame_start, ch.frame_stop):
-            out.append((ch.sample_id, poss[f], toks[f], ch.vit_rank))
+            lo = max(ch.token_start, offset)
+            hi = min(ch.token_stop, offset + toks[f])
+            if hi > lo:
+                out.append((ch.sample_id, poss[f] + lo - offset, hi - lo, ch.vit_rank))
+            offset += toks[f]
     return np.asarray(out, dtype=np.int64).reshape(-1, 4)
 
 

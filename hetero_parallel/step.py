@@ -33,6 +33,7 @@ from hetero_parallel.layout import MicroBatch, MicroBatchShape, microbatch_on_cp
 from hetero_parallel.routing import route
 from hetero_parallel.routing_table import RoutingTable
 from hetero_parallel.step_plan import StepPlan
+from hetero_parallel.vit_split import SplitAttention
 
 
 @dataclass(frozen=True)
@@ -221,11 +222,24 @@ def hetero_train_step(
     in_routing = groups.routing is not None
     device = next(llm[0].parameters()).device
 
-    # 1. ViT forward
+    # 1. ViT forward (with split frames, every ViT rank exchanges keys and values per layer)
+    split = None
+    if vision is not None and step.batch.split_groups():
+        if not getattr(vision, "supports_split_frames", False):
+            raise ValueError(f"the step splits frames over ViT ranks but {type(vision).__name__} "
+                             "does not support it (supports_split_frames); turn "
+                             "StepConfig.split_vit_items off")
+        split = SplitAttention(step.batch, plan.vit_index(rank), groups.vit,
+                               rows_per_token=vision.rows_per_token)
+
+    def run_vit():
+        frames = list(vision_frames)
+        return vision(frames) if split is None else vision(frames, split=split)
+
     with timer("vit_forward"):
         if vision is not None:
             with torch.set_grad_enabled(not options.recompute_vit):
-                vit_out = vision(list(vision_frames))
+                vit_out = run_vit()
         else:
             vit_out = torch.zeros(0, hidden_size, device=device)
         vit_leaf = vit_out.detach().requires_grad_(True)
@@ -272,7 +286,7 @@ def hetero_train_step(
     with timer("vit_backward"):
         if vit_params:
             if options.recompute_vit:
-                vit_out = vision(list(vision_frames))
+                vit_out = run_vit()
             # No visual token in this rank's share (or none at all): nothing to differentiate.
             if vit_out.requires_grad and vit_leaf.grad is not None:
                 vit_out.backward(vit_leaf.grad)

@@ -24,6 +24,7 @@ import numpy as np
 from hetero_parallel.balancer import (
     DEFAULT_FRAMES_PER_CHUNK,
     BatchPlan,
+    PipelineSchedule,
     plan_by_position,
     plan_global_batch,
 )
@@ -55,6 +56,13 @@ class StepConfig:
     """"balanced": the cost-model balancer over all ViT ranks; "by_position": Megatron's LLaVA
     layout (contiguous split by position, ViT work on each replica's own first-stage ranks), the
     baseline."""
+    pipeline_aware: bool = False
+    """Choose each step's micro-batch count (up to ``num_microbatches``), token budgets and order
+    by simulating the pipeline (`hetero_parallel.balancer.PipelineSchedule`): the count then
+    varies from step to step."""
+    split_vit_items: bool = False
+    """Split an image or frame whose ViT cost exceeds a fair share over several ViT ranks
+    (sequence-parallel ViT attention, `hetero_parallel.vit_split`); the ViT must support it."""
     packed: bool = True
     """Pack each micro-batch's samples into one row (THD, ``cu_seqlens``; padding only for
     divisibility) instead of one padded row per sample. Needs an attention that takes packed
@@ -70,8 +78,10 @@ class StepConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"StepConfig.{name} must be None or an int >= 1, got {v!r}")
-        if not isinstance(self.packed, bool):
-            raise ValueError(f"StepConfig.packed must be a bool, got {self.packed!r}")
+        for name in ("packed", "split_vit_items", "pipeline_aware"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"StepConfig.{name} must be a bool, got "
+                                 f"{getattr(self, name)!r}")
         if self.placement not in ("balanced", "by_position"):
             raise ValueError(f"StepConfig.placement must be 'balanced' or 'by_position', got "
                              f"{self.placement!r}")
@@ -132,7 +142,9 @@ def plan_batch(plan: ParallelPlan, layouts: Sequence[SampleLayout], cost_model: 
         specs, cost_model, num_replicas=plan.dp, num_microbatches=config.num_microbatches,
         num_vit_ranks=plan.vit_dp, max_tokens_per_microbatch=config.max_tokens_per_microbatch,
         equal_samples_per_replica=config.equal_samples_per_replica,
-        frames_per_chunk=config.frames_per_chunk)
+        frames_per_chunk=config.frames_per_chunk, split_vit_items=config.split_vit_items,
+        pipeline=PipelineSchedule(num_stages=plan.pp, num_chunks=plan.vpp or 1, tp=plan.tp)
+        if config.pipeline_aware else None)
 
 
 def plan_step(plan: ParallelPlan, rank: int, layouts: Sequence[SampleLayout],

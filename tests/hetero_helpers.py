@@ -15,7 +15,7 @@ from hetero_parallel.layout import MicroBatch, lay_out_positions, make_microbatc
 from hetero_parallel.megatron_state import gather_full_state, load_full_state
 from hetero_parallel.step import StepOptions
 from hetero_parallel.step_plan import StepConfig, StepPlan, check_microbatches, plan_step
-from hetero_parallel.synthetic import PAD_VISUAL, ToySample, mixed_samples
+from hetero_parallel.synthetic import PAD_VISUAL, ToySample, build_sample, mixed_samples
 from hetero_parallel.trainer import HeteroTrainer, OptimizerConfig
 from tests.tiny_models import (
     VOCAB,
@@ -30,8 +30,14 @@ LR = 0.1
 COST = CostModel(vit_linear=1.0, vit_quadratic=0.01, llm_linear=1.0, llm_quadratic=0.001)
 
 
-def make_samples(seed: int, count: int = 12) -> list[ToySample]:
-    return mixed_samples(seed, count, VOCAB)
+def make_samples(seed: int, count: int = 12, giant: int = 0) -> list[ToySample]:
+    """``count`` mixed samples, plus (with ``giant``) one sample whose single image has ``giant``
+    tokens: costly enough for the balancer to split it over ViT ranks."""
+    samples = mixed_samples(seed, count, VOCAB)
+    if giant:
+        g = torch.Generator().manual_seed(seed + 1000)
+        samples.append(build_sample(count, [[giant]], 6, VOCAB, g))
+    return samples
 
 
 def total_loss_tokens(samples: list[ToySample]) -> int:
@@ -109,10 +115,11 @@ def reference(samples: list[ToySample], init_seed: int = 0, lr: float = LR,
         teardown(groups)
 
 
-def step_config(num_microbatches: int, baseline: bool = False, *, packed: bool = True
-                ) -> StepConfig:
+def step_config(num_microbatches: int, baseline: bool = False, *, packed: bool = True,
+                split: bool = False) -> StepConfig:
     return StepConfig(num_microbatches=num_microbatches, frames_per_chunk=2,
-                      placement="by_position" if baseline else "balanced", packed=packed)
+                      placement="by_position" if baseline else "balanced", packed=packed,
+                      split_vit_items=split)
 
 
 @dataclass

@@ -443,3 +443,29 @@ def test_plan_by_position_is_megatrons_contiguous_split():
         len(ranks_of_replica0) % 2)
     tokens = [s.num_tokens for s in samples]
     assert batch.llm_report.loads == (sum(tokens[:6]), sum(tokens[6:]))
+
+
+def test_loongforge_style_baseline_by_hand():
+    from hetero_parallel.balancer import plan_loongforge_style
+
+    # SIMPLE costs: 110, 52.5, 10.1, 240, 30.9, 41.6 for ids 0..5.
+    tokens = [100, 50, 10, 200, 30, 40]
+    samples = [SampleSpec(i, t - i - 1, (MediaSpec((i + 1,)),)) if i % 2 else SampleSpec(i, t)
+               for i, t in enumerate(tokens)]
+    plan = plan_loongforge_style(samples, SIMPLE, num_replicas=2, num_microbatches=3,
+                                 num_vit_ranks=3)
+    # Global micro-batches by position: {0, 1}, {2, 3}, {4, 5}. In each, largest first to the
+    # replica with the least cost so far, the last ones to replicas still empty in it:
+    # 0 -> r0 (110), 1 -> r1 (52.5); 3 -> r1 (292.5), 2 -> r0 (120.1); 5 -> r0, 4 -> r1.
+    assert plan.replica.tolist() == [0, 1, 0, 1, 1, 0]
+    assert plan.microbatch.tolist() == [0, 0, 1, 1, 2, 2]
+    assert plan.microbatch_costs == pytest.approx(np.array([[110, 10.1, 41.6],
+                                                            [52.5, 240, 30.9]]))
+    # One global micro-batch: plain LPT with the history of earlier samples.
+    one = plan_loongforge_style(samples[:4], SIMPLE, num_replicas=2, num_microbatches=1,
+                                num_vit_ranks=3)
+    assert one.replica.tolist() == [1, 1, 1, 0]
+    # The ViT: whole items by LPT over all ViT ranks, as the balancer without splitting.
+    ours = plan_global_batch(samples, SIMPLE, num_replicas=2, num_microbatches=3,
+                             num_vit_ranks=3)
+    assert plan.chunk_vit_rank.tolist() == ours.chunk_vit_rank.tolist()

@@ -21,17 +21,20 @@ RTOL = 1e-5
 
 
 def _run(plan_kwargs: dict, num_microbatches: int, recompute: bool,
-         baseline: bool = False, packed: bool = True, mrope: bool = False) -> dict:
+         baseline: bool = False, packed: bool = True, mrope: bool = False,
+         giant: int = 0) -> dict:
     with cpu_compat():
-        samples = HH.make_samples(seed=0)
+        samples = HH.make_samples(seed=0, giant=giant)
         initial, ref = HH.reference(samples, mrope=mrope)
         plan = ParallelPlan(world_size=dist.get_world_size(), **plan_kwargs)
         if baseline:
             plan = plan.with_vit_on_first_stage()
-        config = HH.step_config(num_microbatches, baseline, packed=packed)
+        config = HH.step_config(num_microbatches, baseline, packed=packed, split=giant > 0)
         got, timings = HH.hetero_step(plan, samples, initial, config,
                                       StepOptions(recompute_vit=recompute), mrope=mrope)
-        num_chunks = len(HH.toy_step(plan, 0, samples, config).plan.batch.media_chunks)
+        batch = HH.toy_step(plan, 0, samples, config).plan.batch
+        num_chunks = len(batch.media_chunks)
+        split_ranks = [len(g.vit_ranks) for g in batch.split_groups()]
         vision_after = torch.cat([v.flatten() for k, v in sorted(got.after.items())
                                   if k.startswith("vision.")]) if plan.vit_index(
             dist.get_rank()) is not None else None
@@ -43,6 +46,7 @@ def _run(plan_kwargs: dict, num_microbatches: int, recompute: bool,
             "vision_after": vision_after,
             "timings": timings,
             "num_chunks": num_chunks,
+            "split_ranks": split_ranks,
         }
 
 
@@ -123,6 +127,18 @@ def _check(results: list[dict]) -> None:
 def test_multimodal_rope_positions_reach_every_stage(pool4, plan_kwargs, packed):
     """3-axis rotary positions (megatron's mrope) on middle pipeline stages and under CP."""
     _check(pool4.run(_run, plan_kwargs, 2, False, False, packed, True))
+
+
+@pytest.mark.parametrize(("plan_kwargs", "recompute"), [
+    pytest.param({"pp": 2}, False, id="pp2-dp2"),
+    pytest.param({"tp": 2, "pp": 2}, True, id="tp2-pp2-recompute"),
+])
+def test_a_giant_image_split_over_vit_ranks_equals_single_process(pool4, plan_kwargs, recompute):
+    """Sequence-parallel ViT attention: a 144-token image split over several ViT ranks (keys and
+    values gathered per layer) gives the single-process loss, gradients and weights."""
+    results = pool4.run(_run, plan_kwargs, 2, recompute, False, True, False, 144)
+    assert results[0]["split_ranks"] and max(results[0]["split_ranks"]) > 1
+    _check(results)
 
 
 def _three_steps(plan_kwargs: dict, distributed: bool) -> dict:

@@ -313,3 +313,60 @@ def test_llm_multimodal_positions_match_the_rule(pool4, keye_checkpoint):
     print(f"max_abs_diff llm mrope {worst:.3e}")
     assert worst <= 1e-4
     assert (want - text_only).abs().max() > 1e-3  # the visual positions really matter here
+
+
+# --- a giant frame split over ViT ranks (sequence-parallel ViT attention) ------------------------
+def _split_vit(seed: int) -> dict:
+    """Every rank encodes its piece of one 4x6-token frame (keys/values exchanged per layer);
+    returns its rows and its gradients of a fixed linear loss, and the single-rank reference."""
+    from examples.keye_vl.vision import TINY_VISION
+    from hetero_parallel.balancer import MediaSpec, SampleSpec, plan_global_batch
+    from hetero_parallel.cost_model import CostModel
+    from hetero_parallel.vit_split import SplitAttention
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(seed)
+    model = VisionEncoder(TINY_VISION)
+    frame = torch.randint(0, 256, (4 * 28, 6 * 28, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(seed))
+    probe = torch.randn(24, TINY_VISION.llm_hidden_size, generator=torch.Generator().manual_seed(1))
+    # Whole frame on this rank: the reference.
+    whole = model([frame])
+    (whole * probe).sum().backward()
+    reference = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    # The frame split over the ranks (a cost model whose attention term dominates).
+    batch = plan_global_batch([SampleSpec(0, 4, (MediaSpec((24,)),))],
+                              CostModel(vit_linear=1e-3, vit_quadratic=1.0, llm_linear=1.0,
+                                        llm_quadratic=0.0),
+                              num_replicas=1, num_microbatches=1, num_vit_ranks=world,
+                              split_vit_items=True)
+    (group,) = batch.split_groups()
+    split = SplitAttention(batch, rank, dist.group.WORLD, rows_per_token=model.rows_per_token)
+    mine = batch.chunks_for_vit_rank(rank)
+    rows = model([frame for _ in mine], split=split)
+    lo = group.token_bounds[group.vit_ranks.index(rank)] if mine else 0
+    (rows * probe[lo:lo + rows.shape[0]]).sum().backward()
+    grads = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+             for k, p in model.named_parameters()}
+    for g in grads.values():
+        dist.all_reduce(g)
+    return {"rows": rows.detach(), "lo": lo, "whole": whole.detach(), "grads": grads,
+            "reference": reference, "pieces": len(group.vit_ranks)}
+
+
+@pytest.mark.slow
+def test_a_frame_split_over_vit_ranks_equals_the_whole_frame(pool4):
+    results = pool4.run(_split_vit, 0)
+    assert results[0]["pieces"] > 1
+    whole = results[0]["whole"]
+    covered = 0
+    for r in results:
+        n = r["rows"].shape[0]
+        torch.testing.assert_close(r["rows"], whole[r["lo"]:r["lo"] + n], rtol=1e-5, atol=1e-6)
+        covered += n
+        for k, g in r["grads"].items():
+            ref = r["reference"][k]
+            err = ((g - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+            assert err < 1e-5, (k, err)
+    assert covered == whole.shape[0]

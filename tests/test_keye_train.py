@@ -33,7 +33,7 @@ def _command(manifest: Path, out: Path, *extra: str, ranks: int = 4,
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
             str(ranks), "-m", "examples.keye_vl.train", "--data", str(manifest), *layout,
             "--steps", str(STEPS), "--save-every", "2", "--lr", "3e-3", "--global-batch", "8",
-            "--out", str(out), "--no-progress", *extra]
+            "--out", str(out), "--no-progress", "--calibrate-every", "2", *extra]
 
 
 def _cmdline(pid: int) -> list[str]:

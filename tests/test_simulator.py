@@ -10,6 +10,7 @@ from hetero_parallel.simulator import (
     predict_baseline_step,
     predict_hetero_step,
     simulate_1f1b,
+    stage_times,
 )
 
 
@@ -80,3 +81,58 @@ def test_vit_on_stage_zero_slows_the_whole_pipeline():
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match=r"\[stages, microbatches\]"):
         simulate_1f1b(np.ones((2, 3)), np.ones((3, 2)))
+
+
+# --- a plan on a cluster --------------------------------------------------------------------------
+def test_report_step_by_hand():
+    from hetero_parallel.balancer import MediaSpec, SampleSpec, plan_by_position, plan_global_batch
+    from hetero_parallel.cost_model import CostModel
+    from hetero_parallel.simulator import ClusterShape, report_step
+
+    # llm(L) = L seconds, vit(P) = P seconds (P = 4 x tokens), no quadratic terms.
+    cost = CostModel(vit_linear=1.0, vit_quadratic=0.0, llm_linear=1.0, llm_quadratic=0.0)
+    samples = [SampleSpec(0, 8, (MediaSpec((2,)),)), SampleSpec(1, 10), SampleSpec(2, 6),
+               SampleSpec(3, 2, (MediaSpec((1, 1)),))]
+    cluster = ClusterShape(gpus=4, tp=1, pp=2)  # 2 replicas of 2 stages
+    batch = plan_global_batch(samples, cost, num_replicas=2, num_microbatches=2, num_vit_ranks=4)
+    rep = report_step(batch, cost, cluster)
+    # LLM work 10 + 10 + 6 + 4 = 30; ViT: sample 0's image 8, sample 3's two frames 4 + 4.
+    assert rep.ideal_s == pytest.approx((30 + 16) / 4)
+    # Sample 0: its image (8) then its 10 tokens through both stages at TP 1.
+    assert rep.critical_path_s == pytest.approx(18.0)
+    assert rep.vit_s == pytest.approx(max(batch.vit_report.loads))
+    f, b = stage_times(batch.microbatch_costs, 2)
+    assert rep.llm_s == pytest.approx(max(simulate_1f1b(f[r], b[r]).makespan for r in range(2)))
+    assert rep.step_s == pytest.approx(rep.vit_s + rep.llm_s)
+    assert rep.efficiency == pytest.approx(rep.ideal_s / rep.step_s)
+    assert rep.bound_s == max(rep.ideal_s, rep.critical_path_s) <= rep.step_s
+    # LLaVA: the ViT work of each micro-batch joins stage 0 (TP-sharded; tp = 1 here).
+    base = plan_by_position(samples, cost, num_replicas=2, num_microbatches=2,
+                            replica_vit_ranks=[[0], [2]])
+    llava = report_step(base, cost, cluster, layout="vit_on_first_stage")
+    f, b = stage_times(base.microbatch_costs, 2)
+    vit_mb = np.array([[8.0, 0.0], [0.0, 8.0]])  # samples 0 | 1 and 2 | 3 by position
+    f[:, 0] += vit_mb / 3
+    b[:, 0] += 2 * vit_mb / 3
+    assert llava.step_s == pytest.approx(max(simulate_1f1b(f[r], b[r]).makespan
+                                             for r in range(2)))
+    assert llava.ideal_s == pytest.approx(rep.ideal_s) and llava.vit_s == 0.0
+    with pytest.raises(ValueError, match=r"the plan has 2 replicas, the cluster has dp = "
+                                         r"gpus\(8\) / \(tp\(1\) \* pp\(2\)\) = 4"):
+        report_step(batch, cost, ClusterShape(gpus=8, pp=2))
+
+
+def test_split_frames_keep_the_ideal():
+    from hetero_parallel.balancer import MediaSpec, SampleSpec, plan_global_batch
+    from hetero_parallel.cost_model import CostModel
+    from hetero_parallel.simulator import ClusterShape, report_step
+
+    cost = CostModel.from_model_shapes(flops_per_second=4e14)
+    samples = [SampleSpec(i, 50, (MediaSpec((20_480 if i == 0 else 300,)),)) for i in range(16)]
+    cluster = ClusterShape(gpus=8, tp=2, pp=2)
+    kw = dict(num_replicas=2, num_microbatches=2, num_vit_ranks=8)
+    whole = report_step(plan_global_batch(samples, cost, **kw), cost, cluster)
+    split = report_step(plan_global_batch(samples, cost, split_vit_items=True, **kw), cost,
+                        cluster)
+    assert split.ideal_s == pytest.approx(whole.ideal_s, rel=1e-12)
+    assert split.vit_s < whole.vit_s / 3

@@ -35,33 +35,56 @@ class _FrameAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, cells: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    def forward(self, cells: torch.Tensor, lengths: Sequence[int], pieces: Sequence[int] = (),
+                split=None) -> torch.Tensor:
+        """``pieces``: indices of the frames (in ``lengths``) that are pieces of split frames,
+        in ``split.pieces`` order; their queries attend to the whole frame (``split.gather``)."""
         x = self.embed(cells)
+        frames = list(torch.split(x, list(lengths)))
+        qkv = [self.qkv(self.norm(f)).chunk(3, dim=-1) for f in frames]
+        whole_kv = {}
+        if split is not None:
+            local = torch.cat([torch.cat(qkv[i][1:], dim=-1) for i in pieces]) if pieces \
+                else x.new_zeros(0, 2 * x.shape[-1])
+            for i, kv in zip(pieces, split.gather(local), strict=True):
+                whole_kv[i] = kv.chunk(2, dim=-1)
         parts = []
-        for frame in torch.split(x, list(lengths)):
-            q, k, v = self.qkv(self.norm(frame)).chunk(3, dim=-1)
+        for i, (frame, (q, k, v)) in enumerate(zip(frames, qkv, strict=True)):
+            k, v = whole_kv.get(i, (k, v))
             parts.append(frame + self.out(F.scaled_dot_product_attention(q[None], k[None],
                                                                          v[None])[0]))
         return torch.cat(parts)
 
 
 class TinyVisionEncoder(nn.Module):
+    """Supports split frames (`hetero_parallel.vit_split`): one row per 28-px cell (= token)."""
+
+    supports_split_frames = True
+    rows_per_token = 1
+
     def __init__(self, width: int = VISION_WIDTH, out: int = HIDDEN) -> None:
         super().__init__()
         self.vit = _FrameAttention(width)
         self.projector = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, out))
         self.out = out
 
-    def forward(self, frames: Sequence[torch.Tensor]) -> torch.Tensor:
-        if not frames:
+    def forward(self, frames: Sequence[torch.Tensor], split=None) -> torch.Tensor:
+        if not frames and split is None:
             return self.projector[-1].weight.new_zeros(0, self.out)
+        piece = {p.frame: p for p in split.pieces} if split is not None else {}
         cells, lengths = [], []
-        for f in frames:
+        for i, f in enumerate(frames):
             h, w = f.shape[0] // CELL, f.shape[1] // CELL
             x = f.float().div(255.0).reshape(h, CELL, w, CELL, 3).permute(0, 2, 1, 3, 4)
-            cells.append(x.reshape(h * w, -1))
-            lengths.append(h * w)
-        return self.projector(self.vit(torch.cat(cells), lengths))
+            x = x.reshape(h * w, -1)
+            if i in piece:
+                x = x[piece[i].token_start:piece[i].token_stop]
+            cells.append(x)
+            lengths.append(x.shape[0])
+        if not cells:
+            cells = [self.projector[0].weight.new_zeros(0, CELL * CELL * 3)]
+        pieces = [p.frame for p in split.pieces] if split is not None else []
+        return self.projector(self.vit(torch.cat(cells), lengths, pieces, split))
 
 
 def gpt_config(plan: ParallelPlan | None = None, *, mrope: bool = False, **overrides):

@@ -81,16 +81,10 @@ STAGES = {
 """Stage 4 (fusion) is ``merge.py``, not a training run."""
 
 
-def cost_model_for(model: ModelConfig, flops_per_second: float | None = None) -> CostModel:
-    """FLOPs cost model of ``model`` (forward + backward), at ``flops_per_second``.
-
-    Default rate: an H100 at 40% MFU in BF16 when CUDA is available, else a nominal 10 GFLOP/s
-    (only relative costs matter for balancing). Calibrate from measured times for real runs.
-    """
-    if flops_per_second is None:
-        flops_per_second = 0.4 * 989e12 if torch.cuda.is_available() else 1e10
+def transformer_shapes(model: ModelConfig) -> tuple[TransformerShape, TransformerShape]:
+    """(ViT, LLM) shapes for FLOPs counting (`hetero_parallel.flops`) and the cost model."""
     llm, vit = model.llm, model.vision
-    return CostModel.from_model_shapes(
+    return (
         TransformerShape(num_layers=vit.num_layers, hidden_size=vit.hidden_size,
                          num_attention_heads=vit.num_heads,
                          head_dim=vit.hidden_size // vit.num_heads, num_query_groups=vit.num_heads,
@@ -100,5 +94,17 @@ def cost_model_for(model: ModelConfig, flops_per_second: float | None = None) ->
                          num_query_groups=llm.num_query_groups,
                          ffn_hidden_size=llm.ffn_hidden_size, gated_mlp=True, causal=True,
                          vocab_size=llm.vocab_size),
-        flops_per_second=flops_per_second,
     )
+
+
+def cost_model_for(model: ModelConfig, flops_per_second: float | None = None) -> CostModel:
+    """FLOPs cost model of ``model`` (forward + backward), at ``flops_per_second``.
+
+    Default rate: an H100 at 40% MFU in BF16 when CUDA is available, else a nominal 10 GFLOP/s
+    (only relative costs matter for balancing). Online calibration refits it to measured times
+    (``train.py --calibrate-every``).
+    """
+    if flops_per_second is None:
+        flops_per_second = 0.4 * 989e12 if torch.cuda.is_available() else 1e10
+    return CostModel.from_model_shapes(*transformer_shapes(model),
+                                       flops_per_second=flops_per_second)

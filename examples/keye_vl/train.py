@@ -42,15 +42,21 @@ import torch
 import torch.distributed as dist
 
 from dataloader.loader import LoaderConfig, StepLoader
-from dataloader.manifest import load_manifest
-from examples.keye_vl.config import MODELS, STAGES, cost_model_for
+from dataloader.manifest import open_manifest
+from examples.keye_vl.config import MODELS, STAGES, cost_model_for, transformer_shapes
 from examples.keye_vl.model import build_model
 from examples.keye_vl.rope import keye_position_ids
 from hetero_parallel import ParallelPlan, default_backend, initialize, teardown
-from hetero_parallel.checkpoint import CheckpointConfig, CheckpointManager, JsonPart
+from hetero_parallel.calibration import (
+    CalibrationConfig,
+    OnlineCalibrator,
+    predicted_step_seconds,
+)
+from hetero_parallel.checkpoint import CheckpointConfig, CheckpointManager
 from hetero_parallel.cost_model import CostModel
 from hetero_parallel.cpu_compat import cpu_compat
 from hetero_parallel.export import export_model
+from hetero_parallel.flops import mfu, step_flops
 from hetero_parallel.llm_chunks import packing_supported
 from hetero_parallel.metrics import MetricsLogger
 from hetero_parallel.step import StepOptions
@@ -64,7 +70,11 @@ PHASES = ("vit_forward", "route_forward", "llm", "route_backward", "vit_backward
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True, help="manifest (.jsonl or .parquet)")
+    p.add_argument("--data", required=True,
+                   help="manifest: a columnar folder (python -m dataloader index/convert), or "
+                        "a .jsonl / .parquet file")
+    p.add_argument("--media-root", default=None,
+                   help="where the manifest's relative media paths resolve (default: its folder)")
     p.add_argument("--model", default="tiny", choices=sorted(MODELS))
     p.add_argument("--stage", type=int, default=2, choices=sorted(STAGES))
     p.add_argument("--tp", type=int, default=1)
@@ -76,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="megatron's distributed optimizer: LLM optimizer state sharded over DP")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 weights and compute (default: on with CUDA, off on CPU)")
+    p.add_argument("--split-vit-items", action=argparse.BooleanOptionalAction, default=True,
+                   help="split an image or frame costing more than a ViT rank's fair share over "
+                        "several ViT ranks (sequence-parallel ViT attention)")
     p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=None,
                    help="pack each micro-batch's samples into one THD row (default: wherever "
                         "the attention supports it: TransformerEngine, or the CPU layers)")
@@ -101,7 +114,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: the byte tokenizer, for offline demos)")
     p.add_argument("--io-server", default="auto",
                    help="'auto' starts a local daemon; 'none' decodes in-process; or host:port,...")
-    p.add_argument("--cost-model", default=None, help="calibrated CostModel JSON")
+    p.add_argument("--cost-model", default=None,
+                   help="initial CostModel JSON (default: the FLOPs model of --model)")
+    p.add_argument("--calibrate-every", type=int, default=20,
+                   help="refit the cost model to the measured phase times every K steps "
+                        "(identically on every rank; 0: never)")
+    p.add_argument("--pipeline-aware", action="store_true",
+                   help="choose each step's micro-batch count and order by simulating the "
+                        "pipeline (up to --microbatches)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-GPU peak for MFU (default: 989 on CUDA = H100 BF16 dense)")
     p.add_argument("--recompute-vit", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -156,25 +178,33 @@ def main(argv=None) -> None:
     bf16 = torch.cuda.is_available() if args.bf16 is None else args.bf16
     packed = packing_supported() if args.packed is None else args.packed
     out = Path(args.out)
-    manifest = load_manifest(args.data)
+    manifest = open_manifest(args.data, media_root=args.media_root)
     tokenizer = None
     if args.tokenizer is not None:
         from examples.keye_vl.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer, vocab_size=model.llm.vocab_size)
-    cost = CostModel.load(args.cost_model) if args.cost_model else cost_model_for(model)
+    prior = cost_model_for(model)
+    cost = CostModel.load(args.cost_model) if args.cost_model else prior
+    vit_shape, llm_shape = transformer_shapes(model)
+    peak = (args.peak_tflops or (989.0 if torch.cuda.is_available() else 0.0)) * 1e12
 
     with contextlib.ExitStack() as stack, cpu_compat():
         groups = initialize(plan, backend=backend, seed=1234 + args.seed)
         stack.callback(teardown, groups, destroy_world=True)
-        client = _io_client(args.io_server, str(Path(args.data).resolve().parent), stack, rank)
+        # The auto-started I/O server serves the folder the manifest's media resolve against.
+        media_root = (args.media_root or getattr(manifest, "media_root", None)
+                      or str(Path(args.data).resolve().parent))
+        client = _io_client(args.io_server, str(Path(media_root).resolve()), stack, rank)
         loader = stack.enter_context(StepLoader(
             manifest,
             LoaderConfig(global_batch_size=args.global_batch, seed=args.seed,
                          weights=stage.mixture,
                          step=StepConfig(num_microbatches=args.microbatches,
                                          frames_per_chunk=args.frames_per_chunk,
-                                         packed=packed)),
+                                         packed=packed,
+                                         split_vit_items=args.split_vit_items,
+                                         pipeline_aware=args.pipeline_aware)),
             plan=plan, rank=rank, cost_model=cost, client=client, tokenizer=tokenizer,
             token_group=groups.token_broadcast, positions=keye_position_ids,
         ))
@@ -189,14 +219,12 @@ def main(argv=None) -> None:
                                   min_lr=0.1 * (args.lr or stage.lr), clip_grad=args.clip_grad,
                                   distributed=args.use_distributed_optimizer),
             step_options=StepOptions(recompute_vit=args.recompute_vit))
+        calibrator = OnlineCalibrator(CalibrationConfig(every=args.calibrate_every), prior,
+                                      current=cost)
         ckpt = CheckpointManager(
             CheckpointConfig(folder=out / "ckpt", keep_last=args.keep_checkpoints,
                              async_save=args.async_save),
-            {"trainer": trainer, "loader": loader,
-             "cost_model": JsonPart(lambda: {"json": loader.cost_model.to_json()},
-                                    lambda s: setattr(loader, "cost_model",
-                                                      CostModel.from_json(s["json"])))},
-            rank=rank)
+            {"trainer": trainer, "loader": loader, "calibration": calibrator}, rank=rank)
         stack.callback(ckpt.close)
         start = 0
         if args.resume:
@@ -205,6 +233,7 @@ def main(argv=None) -> None:
                 raise SystemExit(f"--resume: no checkpoint under {out / 'ckpt'}"
                                  + "".join(f"\n  {n}" for n in report.skipped))
             start = report.step
+            loader.set_cost_model(calibrator.current)  # the model the run planned with
             if rank == 0:
                 for note in report.skipped:
                     print(f"resume: skipped {note}", file=sys.stderr)
@@ -227,6 +256,15 @@ def main(argv=None) -> None:
             t_load = time.perf_counter() - t0
             result = trainer.step(data)
             elapsed = time.perf_counter() - t0
+            predicted = predicted_step_seconds(data.plan, calibrator.current, plan.vpp or 1)
+            refitted = calibrator.observe(data.plan, result.timings, result.llm_forward_s)
+            if refitted is not None:
+                loader.set_cost_model(refitted)
+            flops = step_flops([layout.spec() for layout in data.layouts.values()],
+                               vit_shape=vit_shape, llm_shape=llm_shape,
+                               recompute_vit=args.recompute_vit,
+                               vit_training="train" if "vision" in stage.trainable else "frozen",
+                               llm_training="train" if "llm" in stage.trainable else "input_grad")
             per_rank = [None] * world
             dist.all_gather_object(per_rank, {"load": t_load, **result.timings})
             tokens = int(data.batch.sample_tokens.sum())
@@ -238,6 +276,10 @@ def main(argv=None) -> None:
                 "vit_imbalance": data.batch.vit_report.max_over_mean,
                 "llm_imbalance": data.batch.llm_report.max_over_mean,
                 "skipped": len(data.skipped), "load_max_s": max(t["load"] for t in per_rank),
+                "predicted_step_s": predicted, "model_tflops": flops.model / 1e12,
+                "model_tflops_per_s": flops.model / elapsed / 1e12,
+                "hardware_tflops": flops.hardware / 1e12,
+                "mfu": mfu(flops.model, elapsed, peak, world) if peak else 0.0,
                 **{f"{p}_max_s": v for p, v in phase_max.items()}})
             if progress is not None:
                 progress.update(1)
@@ -245,13 +287,18 @@ def main(argv=None) -> None:
             if rank == 0:
                 busy = [sum(t.get(p, 0.0) for p in PHASES) for t in per_rank]
                 logger.info(
-                    "step %d loss %.4f | %.1f samples/s %.0f tokens/s | step %.2fs load %.2fs | "
-                    "vit max %.0f ms llm max %.0f ms | imbalance max/mean %.2f%s", step,
+                    "step %d loss %.4f | %.1f samples/s %.0f tokens/s | step %.2fs (predicted "
+                    "%.2fs) load %.2fs | vit max %.0f ms llm max %.0f ms | imbalance max/mean "
+                    "%.2f | %.3g model TFLOP/s%s%s", step,
                     result.loss, len(data.samples) / elapsed, tokens / elapsed, elapsed,
+                    predicted,
                     max(t["load"] for t in per_rank),
                     1e3 * max(t.get("vit_forward", 0) + t.get("vit_backward", 0)
                               for t in per_rank),
-                    1e3 * phase_max["llm"], max(busy) / (sum(busy) / len(busy)), _gpu_stats())
+                    1e3 * phase_max["llm"], max(busy) / (sum(busy) / len(busy)),
+                    flops.model / elapsed / 1e12,
+                    f" MFU {mfu(flops.model, elapsed, peak, world):.1%}" if peak else "",
+                    _gpu_stats())
             if args.save_every and (step + 1) % args.save_every == 0:
                 ckpt.save(step + 1)
         if progress is not None:

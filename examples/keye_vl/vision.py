@@ -102,6 +102,16 @@ def patchify(frame_HWC: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, 3, PATCH, PATCH)
 
 
+def piece_patch_index(grid: tuple[int, int], token_start: int, token_stop: int) -> torch.Tensor:
+    """Row-major patch indices of LLM tokens ``[token_start, token_stop)`` of a frame with patch
+    ``grid``, in merge order: the 2x2 patches of each token together, (row, column) order."""
+    rows, cols = grid
+    t = torch.arange(token_start, token_stop)
+    r, c = t // (cols // MERGE), t % (cols // MERGE)
+    parts = [(MERGE * r + dr) * cols + MERGE * c + dc for dr in range(MERGE) for dc in range(MERGE)]
+    return torch.stack(parts, dim=-1).reshape(-1)
+
+
 def patch_positions(rows: int, cols: int) -> torch.Tensor:
     """(row, col) of every patch of a ``rows x cols`` patch grid, row-major: ``[N, 2]``."""
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
@@ -175,14 +185,43 @@ class VisionBlock(nn.Module):
         self.fc2 = nn.Linear(shape.ffn_hidden_size, d)
 
     def forward(self, x_ND: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                frame_lengths: Sequence[int]) -> torch.Tensor:
+                frame_lengths: Sequence[int], pieces: Sequence[int] = (),
+                split=None) -> torch.Tensor:
+        """``pieces``: indices (into ``frame_lengths``) of slices of split frames, in
+        ``split.pieces`` order: their queries attend to the whole frame's keys and values,
+        gathered over the ViT group (`hetero_parallel.vit_split`)."""
         n, d = x_ND.shape
         q, k, v = self.qkv(self.norm1(x_ND)).reshape(n, 3, self.num_heads, -1).unbind(1)
         if rope is not None:
             q, k = _rotate(q, *rope), _rotate(k, *rope)
-        attn = _attention_within_frames(q, k, v, frame_lengths)
+        if split is None:
+            attn = _attention_within_frames(q, k, v, frame_lengths)
+        else:
+            attn = self._attention_with_pieces(q, k, v, frame_lengths, pieces, split)
         x_ND = x_ND + self.proj(attn.reshape(n, d))
         return x_ND + self.fc2(F.gelu(self.fc1(self.norm2(x_ND)), approximate="tanh"))
+
+    @staticmethod
+    def _attention_with_pieces(q, k, v, frame_lengths, pieces, split) -> torch.Tensor:
+        starts = [0]
+        for length in frame_lengths:
+            starts.append(starts[-1] + length)
+        spans = [(starts[i], starts[i + 1]) for i in pieces]
+        kv = torch.cat([k, v], dim=-1)
+        local = torch.cat([kv[a:b] for a, b in spans]) if spans else kv[:0]
+        whole = split.gather(local)  # one exchange per layer, on every ViT rank
+        out = torch.empty_like(q)
+        whole_frames = [i for i in range(len(frame_lengths)) if i not in set(pieces)]
+        if whole_frames:
+            index = torch.cat([torch.arange(starts[i], starts[i + 1], device=q.device)
+                               for i in whole_frames])
+            out[index] = _attention_within_frames(
+                q[index], k[index], v[index], [frame_lengths[i] for i in whole_frames])
+        for (a, b), frame_kv in zip(spans, whole, strict=True):
+            kf, vf = frame_kv.chunk(2, dim=-1)
+            out[a:b] = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), kf.transpose(0, 1), vf.transpose(0, 1)).transpose(0, 1)
+        return out
 
 
 class VisionTransformer(nn.Module):
@@ -206,28 +245,40 @@ class VisionTransformer(nn.Module):
                                 align_corners=False)
         return resized.to(table.dtype).permute(0, 2, 3, 1).reshape(rows * cols, d)
 
-    def forward(self, frames: Sequence[torch.Tensor], *, rope: bool = True) -> torch.Tensor:
+    def forward(self, frames: Sequence[torch.Tensor], *, rope: bool = True,
+                split=None) -> torch.Tensor:
         """uint8 frames ``[h, w, 3]`` (sides multiples of 14) -> ``[N, D]``.
 
         ``rope=False`` turns the 2D rotary attention off (SigLIP's own attention), for checking
-        the rest of the tower against ``SiglipVisionModel``.
+        the rest of the tower against ``SiglipVisionModel``. With ``split``
+        (`hetero_parallel.vit_split.SplitAttention`), a frame that is a piece of a split frame
+        yields only its tokens' patches, in merge order (the 4 patches of each token together).
         """
         weight = self.patch_embed.weight
         grids = [(f.shape[0] // PATCH, f.shape[1] // PATCH) for f in frames]
-        patches = torch.cat([patchify(f.to(weight.device)) for f in frames]).to(weight.dtype)
-        x = F.linear(patches.flatten(1), weight.flatten(1), self.patch_embed.bias)
+        piece = {p.frame: p for p in split.pieces} if split is not None else {}
         cache: dict[tuple[int, int], torch.Tensor] = {}
-        for grid in grids:
+        xs, positions, lengths = [], [], []
+        for i, (f, grid) in enumerate(zip(frames, grids, strict=True)):
+            patches = patchify(f.to(weight.device)).to(weight.dtype)
             if grid not in cache:
                 cache[grid] = self.position_embedding(*grid)
-        x = x + torch.cat([cache[g] for g in grids])
+            pos_embed, where = cache[grid], patch_positions(*grid)
+            if i in piece:
+                index = piece_patch_index(grid, piece[i].token_start, piece[i].token_stop)
+                patches, pos_embed, where = patches[index], pos_embed[index], where[index]
+            xs.append(F.linear(patches.flatten(1), weight.flatten(1), self.patch_embed.bias)
+                      + pos_embed)
+            positions.append(where)
+            lengths.append(patches.shape[0])
+        x = torch.cat(xs) if xs else weight.new_zeros(0, self.shape.hidden_size)
         cos_sin = None
         if rope:
-            positions = torch.cat([patch_positions(*g) for g in grids]).to(weight.device)
-            cos_sin = self.rope(positions)
-        lengths = [r * c for r, c in grids]
+            where = torch.cat(positions) if positions else torch.zeros(0, 2, dtype=torch.long)
+            cos_sin = self.rope(where.to(weight.device))
+        pieces = [p.frame for p in split.pieces] if split is not None else []
         for block in self.blocks:
-            x = block(x, cos_sin, lengths)
+            x = block(x, cos_sin, lengths, pieces, split)
         return self.post_norm(x)
 
 
@@ -242,16 +293,25 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(merged, merged)
         self.fc2 = nn.Linear(merged, shape.llm_hidden_size)
 
-    def merge(self, x_ND: torch.Tensor, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """Row-major patch features of frames with ``grids`` (patch rows, cols) -> ``[T, 4D]``,
-        row-major over each frame's 28-px grid."""
-        parts = []
-        for feats, (rows, cols) in zip(torch.split(x_ND, [r * c for r, c in grids]), grids,
-                                       strict=True):
-            d = feats.shape[-1]
+    def merge(self, x_ND: torch.Tensor, grids: Sequence[tuple[int, int]],
+              piece_tokens: Sequence[int | None] = ()) -> torch.Tensor:
+        """Patch features of frames with ``grids`` (patch rows, cols) -> ``[T, 4D]``, row-major
+        over each frame's 28-px grid. A frame's patches are row-major, or, for a piece of a split
+        frame (``piece_tokens[i]`` tokens), already in merge order (`piece_patch_index`)."""
+        d = x_ND.shape[-1]
+        parts, offset = [], 0
+        for i, (rows, cols) in enumerate(grids):
+            tokens = piece_tokens[i] if piece_tokens else None
+            if tokens is not None:
+                n = tokens * MERGE * MERGE
+                parts.append(x_ND[offset:offset + n].reshape(-1, MERGE * MERGE * d))
+                offset += n
+                continue
+            feats = x_ND[offset:offset + rows * cols]
+            offset += rows * cols
             blocks = feats.reshape(rows // MERGE, MERGE, cols // MERGE, MERGE, d)
             parts.append(blocks.permute(0, 2, 1, 3, 4).reshape(-1, MERGE * MERGE * d))
-        return torch.cat(parts)
+        return torch.cat(parts) if parts else x_ND.new_zeros(0, MERGE * MERGE * d)
 
     def forward(self, merged_TM: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(self.norm(merged_TM))))
@@ -259,7 +319,14 @@ class Projector(nn.Module):
 
 class VisionEncoder(nn.Module):
     """ViT + projector: frames (uint8 ``[h, w, 3]``, sides multiples of 28) -> visual tokens
-    ``[T, H]``: the frames' tokens in input order, each frame row-major over its 28-px grid."""
+    ``[T, H]``: the frames' tokens in input order, each frame row-major over its 28-px grid.
+
+    Supports frames split over ViT ranks (`hetero_parallel.vit_split`): with ``split``, a piece
+    of a split frame yields its token range only, and every layer exchanges keys and values.
+    """
+
+    supports_split_frames = True
+    rows_per_token = MERGE * MERGE
 
     def __init__(self, shape: VisionShape) -> None:
         super().__init__()
@@ -267,10 +334,14 @@ class VisionEncoder(nn.Module):
         self.vit = VisionTransformer(shape)
         self.projector = Projector(shape)
 
-    def forward(self, frames: Sequence[torch.Tensor]) -> torch.Tensor:
-        if not frames:
+    def forward(self, frames: Sequence[torch.Tensor], split=None) -> torch.Tensor:
+        if not frames and split is None:
             return self.projector.fc2.weight.new_zeros(0, self.shape.llm_hidden_size)
         for f in frames:
             frame_tokens(f.shape[0], f.shape[1])
         grids = [(f.shape[0] // PATCH, f.shape[1] // PATCH) for f in frames]
-        return self.projector(self.projector.merge(self.vit(frames), grids))
+        pieces = {p.frame: p for p in split.pieces} if split is not None else {}
+        piece_tokens = [pieces[i].token_stop - pieces[i].token_start if i in pieces else None
+                        for i in range(len(frames))]
+        features = self.vit(frames, split=split)
+        return self.projector(self.projector.merge(features, grids, piece_tokens))

@@ -78,6 +78,7 @@ def _rank_job(plan_kwargs: dict, folder: str, mode: str) -> dict:
                 dist.barrier()
                 out["resume_s"] = time.perf_counter() - t0
                 assert report.step == 1
+                manager.close()
                 return out
             # Logical bytes: every global tensor once.
             logical = {k: v.numel() * v.element_size() for k, v in trainer.state_dict().items()

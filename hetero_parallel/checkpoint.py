@@ -213,7 +213,8 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, whole."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -299,9 +300,14 @@ class CheckpointManager:
             pending.result()
 
     def close(self) -> None:
+        """Wait for a background save and release the manager's thread and process group."""
         self.wait()
         if self._executor is not None:
             self._executor.shutdown()
+            self._executor = None
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
 
     def _check_identical(self, text: str, step: int) -> None:
         digest = hashlib.sha256(text.encode()).hexdigest()
@@ -321,7 +327,7 @@ class CheckpointManager:
         dcp.save(tensors, storage_writer=FileSystemWriter(path, sync_files=True),
                  process_group=self.group)
         if self.rank == 0:
-            _atomic_write(path / META, meta_text)
+            atomic_write_text(path / META, meta_text)
         dist.barrier(group=self.group)
         names = [sorted(p.name for p in path.iterdir()
                         if p.is_file() and p.name != CHECKSUMS and not p.name.endswith(".tmp"))
@@ -333,10 +339,10 @@ class CheckpointManager:
         dist.all_gather_object(gathered, mine, group=self.group)
         if self.rank == 0:
             files = {k: v for part in gathered for k, v in part.items()}
-            _atomic_write(path / CHECKSUMS, json.dumps(
+            atomic_write_text(path / CHECKSUMS, json.dumps(
                 {"format_version": FORMAT_VERSION, "step": step, "files": files},
                 sort_keys=True, indent=1))
-            _atomic_write(folder / LATEST, f"{step}\n")
+            atomic_write_text(folder / LATEST, f"{step}\n")
             self._prune(step)
             logger.info("saved checkpoint %s (%d files, %.1f MB)", path, len(files),
                         sum(v["size"] for v in files.values()) / 1e6)

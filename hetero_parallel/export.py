@@ -9,7 +9,7 @@ conversion to Hugging Face layouts. On disk::
 
 `export_model` writes it from any parallel layout: one rank per pipeline stage writes that stage
 (gathered over its TP group only) and ViT rank 0 writes the ViT, so no rank ever holds the whole
-model. `UnshardedModel` reads it lazily: ``read(name, index)`` reads only the requested slice
+model. `SafetensorsSource` reads it lazily: ``read(name, index)`` reads only the requested slice
 (safetensors' lazy slicing), so loading into a TP/PP layout costs a rank about its shard
 (`hetero_parallel.megatron_state.load_full_state`). safetensors holds raw tensors only: nothing is
 unpickled.

@@ -11,6 +11,7 @@ Every rank must call both, in the same order, as with any collective group creat
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -36,10 +37,19 @@ class ParallelGroups:
     rank that takes no part in routing."""
     token_broadcast: dist.ProcessGroup
     """megatron's tensor-and-context group: the token loader broadcasts token ids over it."""
+    created: tuple[dist.ProcessGroup, ...] = ()
+    """Every process group `initialize` created (megatron's included), for `teardown`."""
 
     @property
     def coords(self):
         return self.plan.coords(self.rank)
+
+
+def _all_groups() -> list[dist.ProcessGroup]:
+    """Every process group of this process except the default one."""
+    world = dist.distributed_c10d._world
+    default = dist.GroupMember.WORLD
+    return [g for g in world.pg_map if g is not default]
 
 
 def default_backend() -> str:
@@ -77,6 +87,7 @@ def initialize(
         )
     if parallel_state.model_parallel_is_initialized():
         raise RuntimeError("megatron-core parallel state already exists; call teardown() first")
+    existing = set(_all_groups())
 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=plan.tp,
@@ -97,6 +108,7 @@ def initialize(
         vit=vit_group if plan.vit_index(rank) is not None else None,
         routing=routing_group if rank in routing_ranks else None,
         token_broadcast=parallel_state.get_tensor_and_context_parallel_group(),
+        created=tuple(g for g in _all_groups() if g not in existing),
     )
     if seed is not None:
         model_parallel_cuda_manual_seed(seed)
@@ -116,8 +128,14 @@ def teardown(groups: ParallelGroups | None = None, *, destroy_world: bool = Fals
     parallel_state.destroy_model_parallel()
     mcore_random.get_cuda_rng_tracker().reset()
     if groups is not None:
-        for group in (groups.vit, groups.routing):
-            if group is not None:
+        # megatron forgets its groups without destroying them; each gloo group keeps threads,
+        # so a process that initialises many layouts (tests, benchmarks) would pile them up.
+        live = set(_all_groups())
+        for group in groups.created:
+            if group in live:
                 dist.destroy_process_group(group)
+        # A destroyed gloo group's threads end when the group object is freed, and megatron's
+        # modules hold it in reference cycles.
+        gc.collect()
     if destroy_world and dist.is_initialized():
         dist.destroy_process_group()

@@ -160,6 +160,7 @@ def _save_two(folder: str) -> None:
     for step, value in ((1, 1.0), (2, 2.0)):
         _, manager = _manager(folder, value)
         manager.save(step)
+        manager.close()
 
 
 def _load(folder: str) -> dict:
@@ -170,6 +171,8 @@ def _load(folder: str) -> dict:
         report = manager.load()
     except CheckpointError as exc:
         return {"error": str(exc)}
+    finally:
+        manager.close()
     return {"step": report.step, "skipped": report.skipped, "w": part.w[0, 0].item(),
             "value": part.note["value"]}
 
@@ -270,6 +273,7 @@ def _load_other_shape(folder: str) -> str:
     part.w = torch.zeros(5, 3)
     with pytest.raises(CheckpointError) as info:
         manager.load()
+    manager.close()
     return str(info.value)
 
 

@@ -3,11 +3,13 @@
 The model (its shapes, layer spec, position embedding) is the caller's; the layout is the plan's.
 `parallel_config_kwargs` gives the `TransformerConfig` arguments the layout decides, so a model
 builder never restates them, and `build_chunks` builds one chunk per virtual pipeline stage with
-the right ``pre_process`` / ``post_process`` flags.
+the right ``pre_process`` / ``post_process`` flags. `mrope_gpt_class` is megatron's ``GPTModel``
+with multimodal RoPE made correct for packed rows under context parallelism.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -142,3 +144,60 @@ def packing_supported(impl: str | None = None) -> bool:
         impl = ("transformer_engine" if transformer_engine_available()
                 else "local" if torch.cuda.is_available() else "torch")
     return impl != "local"
+
+
+class _OneRank:
+    """Stands for a context-parallel group of one rank (``size() == 1``): megatron's multimodal
+    rotary embedding then returns the whole row's frequencies."""
+
+    @staticmethod
+    def size() -> int:
+        return 1
+
+
+@functools.cache
+def mrope_gpt_class() -> type:
+    """megatron's ``GPTModel`` for multimodal RoPE (``position_embedding_type="mrope"``), with:
+
+    - 1D ``[b, s]`` position ids accepted (text: the three axes equal, i.e. plain RoPE);
+    - packed (THD) rows correct under context parallelism. megatron's
+      ``MultimodalRotaryEmbedding`` always cuts its frequencies to this CP rank's two chunks of
+      the whole row, as for padded rows; for a packed row megatron's THD rope instead wants the
+      whole row's frequencies and takes each sample's two chunks itself (by its offset in
+      ``cu_seqlens_q_padded``). With ``packed_seq_params`` the embedding therefore returns the
+      whole row.
+    """
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import (
+        MultimodalRotaryEmbedding,
+    )
+    from megatron.core.models.gpt import GPTModel
+
+    class PackedRowMultimodalRotaryEmbedding(MultimodalRotaryEmbedding):
+        whole_row = False
+        """Set by the model for each forward: the row is packed."""
+
+        def forward(self, position_ids, mrope_section, cp_group=None):
+            return super().forward(position_ids, mrope_section,
+                                   cp_group=_OneRank() if self.whole_row else cp_group)
+
+    class MropeGPTModel(GPTModel):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            if isinstance(getattr(self, "rotary_pos_emb", None), MultimodalRotaryEmbedding):
+                self.rotary_pos_emb.__class__ = PackedRowMultimodalRotaryEmbedding
+
+        def forward(self, input_ids, position_ids, attention_mask, *args,
+                    packed_seq_params=None, **kwargs):
+            if position_ids is None:
+                raise ValueError(
+                    "multimodal RoPE needs each micro-batch's position_ids ([3, b, s] or "
+                    "[b, s]) on every pipeline stage, got None (a middle stage called without "
+                    "its micro-batch's positions)")
+            if position_ids.dim() == 2:
+                position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+            if isinstance(self.rotary_pos_emb, PackedRowMultimodalRotaryEmbedding):
+                self.rotary_pos_emb.whole_row = packed_seq_params is not None
+            return super().forward(input_ids, position_ids, attention_mask, *args,
+                                   packed_seq_params=packed_seq_params, **kwargs)
+
+    return MropeGPTModel

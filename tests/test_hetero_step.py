@@ -123,6 +123,7 @@ def _check(results: list[dict]) -> None:
 @pytest.mark.parametrize(("plan_kwargs", "packed"), [
     pytest.param({"pp": 4}, True, id="pp4-packed"),
     pytest.param({"cp": 2, "tp": 2}, False, id="tp2-cp2-padded"),
+    pytest.param({"cp": 2, "pp": 2}, True, id="pp2-cp2-packed"),
 ])
 def test_multimodal_rope_positions_reach_every_stage(pool4, plan_kwargs, packed):
     """3-axis rotary positions (megatron's mrope) on middle pipeline stages and under CP."""

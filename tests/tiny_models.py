@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetero_parallel.llm_chunks import build_chunks, gpt_layer_spec, parallel_config_kwargs
+from hetero_parallel.llm_chunks import (
+    build_chunks,
+    gpt_layer_spec,
+    mrope_gpt_class,
+    parallel_config_kwargs,
+)
 from hetero_parallel.plan import ParallelPlan
 
 CELL = 28
@@ -108,7 +113,8 @@ def build_gpt(config, *, pre_process: bool = True, post_process: bool = True,
               vp_stage: int | None = None):
     from megatron.core.models.gpt import GPTModel
 
-    return GPTModel(config=config, transformer_layer_spec=gpt_layer_spec(
+    model_class = mrope_gpt_class() if config.mrope_section else GPTModel
+    return model_class(config=config, transformer_layer_spec=gpt_layer_spec(
         config, vp_stage=vp_stage), vocab_size=VOCAB, max_sequence_length=1024,
         pre_process=pre_process, post_process=post_process,
         position_embedding_type="mrope" if config.mrope_section else "rope",

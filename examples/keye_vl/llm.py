@@ -15,13 +15,17 @@ parallel state (``hetero_parallel.initialize``) first; ``build_llm`` then builds
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from hetero_parallel.llm_chunks import build_chunks, gpt_layer_spec, parallel_config_kwargs
+from hetero_parallel.llm_chunks import (
+    build_chunks,
+    gpt_layer_spec,
+    mrope_gpt_class,
+    parallel_config_kwargs,
+)
 from hetero_parallel.plan import ParallelPlan
 
 
@@ -133,27 +137,6 @@ def transformer_config(
     )
 
 
-@functools.cache
-def _mrope_gpt_class():
-    from megatron.core.models.gpt import GPTModel
-
-    class MropeGPTModel(GPTModel):
-        """`GPTModel` with multimodal RoPE that also takes 1D ``[b, s]`` position ids (text:
-        the three axes equal, i.e. Qwen3's own RoPE)."""
-
-        def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
-            if position_ids is None:
-                raise ValueError(
-                    "multimodal RoPE needs each micro-batch's position_ids ([3, b, s] or "
-                    "[b, s]) on every pipeline stage, got None (a middle stage called without "
-                    "its micro-batch's positions)")
-            if position_ids.dim() == 2:
-                position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
-            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
-
-    return MropeGPTModel
-
-
 def build_llm(
     shape: LLMShape,
     config,
@@ -175,7 +158,7 @@ def build_llm(
             "local" if torch.cuda.is_available() else "torch")
     spec = gpt_layer_spec(config, vp_stage=vp_stage, qk_layernorm=True, normalization="RMSNorm",
                           impl=impl)
-    return _mrope_gpt_class()(
+    return mrope_gpt_class()(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=shape.vocab_size,

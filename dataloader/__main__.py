@@ -18,10 +18,12 @@ Check every checksum of a columnar manifest, or print what a manifest holds::
 
 ``index`` leaves out what it cannot use (unreadable or invalid files, a caption that is not UTF-8, a
 probing process that died twice) and writes each, with the reason, to ``--report`` (default
-``<out>.bad.jsonl``); the exit status is 0 unless the command itself fails or nothing was indexed.
+``<out>.bad.jsonl``); the exit status is 1 when the source had items but none could be indexed
+(an empty source writes an empty manifest), else 0 unless the command itself fails.
 Media paths are stored relative to ``--media-root`` (default: the manifest's folder). Limits
 (``--max-frames`` ...) default to Keye-VL-1.5's (`dataloader.validate.Limits`).
-Tiny CPU example: ``python -m dataloader index tests/data --out /tmp/m --workers 2``.
+Tiny CPU example: ``python -m examples.keye_vl.make_data --out /tmp/d`` writes media and a list
+file, then ``python -m dataloader index /tmp/d/list.jsonl --out /tmp/m --workers 2``.
 """
 
 from __future__ import annotations

@@ -36,14 +36,30 @@ routing table (`hetero_parallel.step_plan.check_microbatches`). `StepData` then 
 ``hetero_parallel.trainer.HeteroTrainer.step`` consumes.
 
 The state (`state_dict`) counts only batches returned by `next_step`, never prefetched ones.
+
+Post-training additions:
+
+- **Preference mode** (``LoaderConfig.preference``): each position is a (prompt, chosen, rejected)
+  record, loaded as samples ``2p`` and ``2p + 1`` (`dataloader.manifest.Record.answers`) of one
+  balancer group (same replica and micro-batch, so the pair's loss is complete on one last stage)
+  with the rejected answer sharing the chosen one's media (``SampleLayout.media_from``: decoded
+  and encoded once). Bad media drop the whole pair. `StepData.pairs` lists the pairs, and with a
+  reference store (`dataloader.reference_logps`) `StepData.reference_logps` their reference
+  log-probs.
+- **Per-prompt state** (``LoaderConfig.prompt_state``): an int8 column by manifest row (e.g. a
+  hint level L1-L5 for progressive hint sampling, set between epochs with `set_prompt_state`),
+  reported per record in `StepData.prompt_state` and saved in the state as a tensor, so a
+  checkpoint stores it once and restores it on any layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -52,7 +68,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataloader.manifest import Manifest
+from dataloader.manifest import Manifest, Record
 from dataloader.mixture import Mixture
 from dataloader.sequence import (
     IMAGE_PAD,
@@ -60,9 +76,10 @@ from dataloader.sequence import (
     ByteTokenizer,
     SampleSizes,
     Tokenizer,
+    sample_sizes,
     tokenize,
 )
-from dataloader.state import STATE_VERSION, LoaderState
+from dataloader.state import STATE_VERSION, IncompatibleStateError, LoaderState
 from hetero_parallel.balancer import BatchPlan
 from hetero_parallel.cost_model import CostModel
 from hetero_parallel.layout import MicroBatch, SampleLayout, lay_out_positions, make_microbatch
@@ -70,6 +87,7 @@ from hetero_parallel.plan import ParallelPlan
 from hetero_parallel.step_plan import StepConfig, StepPlan, check_microbatches, plan_step
 
 if TYPE_CHECKING:
+    from dataloader.reference_logps import ReferenceLogps
     from io_server.client import IOClient
 
 logger = logging.getLogger(__name__)
@@ -93,6 +111,16 @@ class LoaderConfig:
     """Steps loaded ahead in a background thread; 0 loads in the calling thread."""
     max_replacement_rounds: int = 64
     """Bad-sample rounds per step before giving up (a dataset that is mostly broken)."""
+    preference: bool = False
+    """Preference mode: every record is a prompt with a chosen and a rejected answer
+    (`dataloader.manifest.Record.answers`); position ``p`` becomes samples ``2p`` (chosen) and
+    ``2p + 1`` (rejected), one balancer group (same replica and micro-batch), the rejected one
+    sharing the chosen one's media (the ViT encodes them once). ``global_batch_size`` counts
+    pairs."""
+    prompt_state: bool = False
+    """Keep a per-record int8 state column (e.g. a hint level set between epochs,
+    `StepLoader.set_prompt_state`): reported per sample in `StepData.prompt_state` and saved
+    in the loader's state (a tensor: the checkpoint stores it once, for any layout)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.step, StepConfig):
@@ -105,6 +133,10 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.seed must be an int >= 0, got {self.seed!r}")
         if not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ValueError(f"LoaderConfig.prefetch must be an int >= 0, got {self.prefetch!r}")
+        for name in ("preference", "prompt_state"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoaderConfig.{name} must be a bool, got "
+                                 f"{getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -119,6 +151,8 @@ class SampleRef:
     index: int
     """Sample index in the dataset."""
     record_id: str
+    row: int
+    """The record's row in the manifest (what per-record state and stores are keyed by)."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +169,7 @@ class StepData:
 
     step: int
     samples: tuple[SampleRef, ...]
-    """The global batch, by increasing position (the same on every rank)."""
+    """The global batch's records, by increasing position (the same on every rank)."""
     plan: StepPlan
     """The step plan of this rank: placement, routing table, micro-batch shapes."""
     total_loss_tokens: int
@@ -149,10 +183,19 @@ class StepData:
     """With a ``positions`` function: this replica's micro-batches' rotary positions, laid out as
     the micro-batches (on every rank: multimodal rope needs them on middle stages too)."""
     skipped: tuple[SkippedSample, ...] = ()
+    pairs: Mapping[int, int] = field(default_factory=dict)
+    """Preference mode: chosen sample id -> rejected sample id, for every pair of the batch."""
+    reference_logps: Mapping[int, float] | None = None
+    """With a reference store: sample id -> the reference model's summed log-prob of its
+    answer (`dataloader.reference_logps`)."""
+    prompt_state: tuple[int, ...] = ()
+    """With ``LoaderConfig.prompt_state``: each record's state, aligned with ``samples``."""
 
     @property
     def sample_ids(self) -> tuple[int, ...]:
-        return tuple(s.position for s in self.samples)
+        """Every sample of the global batch, increasing (the position itself, or ``2p`` and
+        ``2p + 1`` in preference mode)."""
+        return tuple(self.plan.batch.sample_ids.tolist())
 
     @property
     def batch(self) -> BatchPlan:
@@ -218,6 +261,8 @@ class StepLoader:
             ``0 .. seq_len - 1``. Computed by the ranks that build micro-batches.
         verdict_group: the group that agrees on bad samples: every rank of the plan (default: the
             default process group). With ``plan.world_size == 1`` no collective is run.
+        reference: preference mode: the reference model's log-probs of every record's answers
+            (`dataloader.reference_logps.ReferenceLogps`), attached to each step.
 
     Every rank of the plan must call `next_step` the same number of times (it is collective).
     """
@@ -235,6 +280,7 @@ class StepLoader:
         token_group: dist.ProcessGroup | None = None,
         verdict_group: dist.ProcessGroup | None = None,
         positions: Callable[[SampleLayout], np.ndarray] | None = None,
+        reference: ReferenceLogps | None = None,
     ) -> None:
         if not 0 <= rank < plan.world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size({plan.world_size}))")
@@ -280,6 +326,14 @@ class StepLoader:
 
             client = IOClient()
         self.client = client
+        if reference is not None and not config.preference:
+            raise ValueError("reference log-probs are per preference pair: set "
+                             "LoaderConfig.preference=True")
+        if reference is not None:
+            reference.check_manifest(manifest)
+        self.reference = reference
+        self._per_record = 2 if config.preference else 1
+        self._prompt_state = np.zeros(len(manifest) if config.prompt_state else 0, np.int8)
         self.counters = FetchCounters()
         self._lock = threading.Lock()
         self._cursor = 0
@@ -297,7 +351,7 @@ class StepLoader:
         d = self.mixture.locate(position)
         row = int(self._rows[d.dataset][d.index])
         return SampleRef(position, self.mixture.names[d.dataset], d.epoch, d.index,
-                         self.manifest.record_id(row))
+                         self.manifest.record_id(row), row)
 
     def _refs(self, positions: list[int]) -> dict[int, tuple[SampleRef, int]]:
         """Position -> (its reference, its manifest row)."""
@@ -306,8 +360,8 @@ class StepLoader:
         for p, d, e, i in zip(positions, ds.tolist(), epoch.tolist(), index.tolist(),
                               strict=True):
             row = int(self._rows[d][i])
-            out[p] = (SampleRef(p, self.mixture.names[d], e, i, self.manifest.record_id(row)),
-                      row)
+            out[p] = (SampleRef(p, self.mixture.names[d], e, i, self.manifest.record_id(row),
+                                row), row)
         return out
 
     # -- state -------------------------------------------------------------------------------
@@ -321,34 +375,117 @@ class StepLoader:
             mixture_hash=int(self.mixture.fingerprint(), 16),
         )
 
-    def state_dict(self) -> dict[str, int]:
-        """Integers only; reflects the batches returned so far (not the prefetched ones)."""
-        return self._state(self._cursor, self._step, self._skipped).to_dict()
+    def state_dict(self) -> dict[str, int | torch.Tensor]:
+        """Integers (reflecting the batches returned so far, not the prefetched ones); with
+        ``LoaderConfig.prompt_state`` also the state column (``prompt_state``, an int8 tensor
+        sharing the loader's memory, so a checkpoint loads into it in place) and its CRC-32
+        (``prompt_state_crc``: equal on every rank, which the checkpoint manager checks)."""
+        out: dict[str, int | torch.Tensor] = dict(
+            self._state(self._cursor, self._step, self._skipped).to_dict())
+        if self.config.prompt_state:
+            out["prompt_state"] = torch.from_numpy(self._prompt_state)
+            out["prompt_state_crc"] = zlib.crc32(self._prompt_state)
+        return out
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
+    def load_state_dict(self, state: Mapping[str, int | torch.Tensor]) -> None:
         """Continue after the last batch of the run that saved ``state``.
 
         Raises `dataloader.state.IncompatibleStateError` (a ``ValueError``) naming the saved and
-        the current value when the seed, global batch size, manifest or mixture differ.
+        the current value when the seed, global batch size, manifest or mixture differ, or when
+        the prompt-state column is missing, of another length or fails its CRC.
         """
+        state = dict(state)
+        column = state.pop("prompt_state", None)
+        crc = state.pop("prompt_state_crc", None)
         saved = LoaderState.from_dict(state)
         saved.check_compatible(self._state(0, 0, 0))
+        if self.config.prompt_state:
+            if column is None or crc is None:
+                raise IncompatibleStateError("the loader state has no prompt-state column (saved "
+                                             "without LoaderConfig.prompt_state)")
+            values = np.asarray(column.numpy() if torch.is_tensor(column) else column, np.int8)
+            if values.shape != self._prompt_state.shape:
+                raise IncompatibleStateError(f"the saved prompt-state column has {values.size} "
+                                             f"rows, the manifest {self._prompt_state.size}")
+            if zlib.crc32(values) != crc:
+                raise IncompatibleStateError(f"the saved prompt-state column fails its CRC-32 "
+                                             f"({zlib.crc32(values)} != {crc})")
+            if values.ctypes.data != self._prompt_state.ctypes.data:
+                self._prompt_state[:] = values
         self._restart(saved.cursor, saved.step)
         self._skipped = saved.skipped_samples
 
+    @property
+    def epoch(self) -> int:
+        """The epoch of the whole manifest the next step starts in (``cursor // len``)."""
+        return self._cursor // len(self.manifest)
+
+    @property
+    def prompt_state(self) -> np.ndarray:
+        """The per-record state column (int8, by manifest row; read-only view)."""
+        view = self._prompt_state.view()
+        view.flags.writeable = False
+        return view
+
+    def set_prompt_state(self, rows: np.ndarray | list[int], values: np.ndarray | list[int]
+                         ) -> None:
+        """Set the state of manifest ``rows`` (e.g. raise the hint level of prompts the policy
+        failed, between epochs). Every rank must make the same calls; the steps returned from
+        now on report the new values."""
+        if not self.config.prompt_state:
+            raise ValueError("no prompt-state column: set LoaderConfig.prompt_state=True")
+        rows = np.asarray(rows, np.int64)
+        values = np.broadcast_to(np.asarray(values), rows.shape)
+        bad = rows[(rows < 0) | (rows >= self._prompt_state.size)]
+        if bad.size:
+            raise ValueError(f"prompt-state rows {bad[:4].tolist()} are outside the manifest's "
+                             f"[0, {self._prompt_state.size})")
+        if values.size and (values.min() < -128 or values.max() > 127):
+            raise ValueError(f"prompt-state values must fit int8 [-128, 127], got "
+                             f"[{values.min()}, {values.max()}]")
+        self._prompt_state[rows] = values.astype(np.int8)
+
     # -- fetching (background thread or calling thread) ----------------------------------------
+
+    def _sample_ids(self, position: int) -> range:
+        """The samples of the record at ``position``: itself, or its two answers."""
+        k = self._per_record
+        return range(position * k, position * k + k)
+
+    def _record(self, row: int, sample_id: int) -> Record:
+        """The conversation that is sample ``sample_id`` (an answer of a preference record)."""
+        record = self.manifest.record(row)
+        if not self.config.preference:
+            return record
+        if not record.is_preference:
+            raise ValueError(f"manifest row {row} (record {record.id!r}, dataset "
+                             f"{record.dataset!r}) is not a preference record (its last two "
+                             "turns must be 'chosen' and 'rejected'), but the loader is in "
+                             "preference mode")
+        return record.answers()[sample_id % 2]
 
     def _plan(self, rnd: _Round, refs: dict[int, tuple[SampleRef, int]]) -> None:
         missing = []
         for p in rnd.positions:
             rnd.refs[p] = refs[p][0]
-            if p not in rnd.sizes:
+            if p * self._per_record not in rnd.sizes:
                 missing.append(p)
-        if missing:
+        if missing and not self.config.preference:
             rows = np.asarray([refs[p][1] for p in missing], dtype=np.int64)
             sizes = self.manifest.planning_sizes(rows, missing, self.tokenizer)
             rnd.sizes.update(zip(missing, sizes, strict=True))
-        rnd.plan = plan_step(self.plan, self.rank, [rnd.sizes[p].layout for p in rnd.positions],
+        for p in missing if self.config.preference else ():
+            # Both answers from the record (the planning columns describe the chosen one only);
+            # the rejected answer reuses the chosen one's media, in the pair's group.
+            chosen, rejected = (sample_sizes(self._record(refs[p][1], s), s, self.tokenizer)
+                                for s in self._sample_ids(p))
+            rnd.sizes[2 * p] = dataclasses.replace(
+                chosen, layout=dataclasses.replace(chosen.layout, group=p))
+            rnd.sizes[2 * p + 1] = dataclasses.replace(
+                rejected, layout=dataclasses.replace(rejected.layout, group=p, media_from=2 * p))
+        rnd.plan = plan_step(self.plan, self.rank,
+                             [rnd.sizes[s].layout for p in rnd.positions
+                              for s in self._sample_ids(p)],
                              self.cost_model, self.config.step)
 
     def _fetch(self, rnd: _Round, rows: dict[int, int]) -> None:
@@ -357,12 +494,14 @@ class StepLoader:
 
         assert rnd.plan is not None
         batch = rnd.plan.batch
+        k = self._per_record
         if self.vit_index is not None:
             for ch in batch.chunks_for_vit_rank(self.vit_index):
                 key = (ch.sample_id, ch.media_index, ch.frame_start, ch.frame_stop)
-                if key in rnd.pixels or ch.sample_id in rnd.bad:
+                position = ch.sample_id // k
+                if key in rnd.pixels or position in rnd.bad:
                     continue
-                media = self.manifest.media(rows[ch.sample_id])[ch.media_index]
+                media = self.manifest.media(rows[position])[ch.media_index]
                 with self._lock:
                     self.counters.decode_requests += 1
                 try:
@@ -377,7 +516,7 @@ class StepLoader:
                                          f"have shapes {got}, the manifest says {want} (the file "
                                          "changed since it was indexed)")
                 except MediaError as exc:
-                    rnd.bad[ch.sample_id] = f"{type(exc).__name__}: {exc}"
+                    rnd.bad[position] = f"{type(exc).__name__}: {exc}"
                     with self._lock:
                         self.counters.bad_media_seen += 1
                     continue
@@ -390,10 +529,10 @@ class StepLoader:
                 rnd.pixels[key] = [torch.from_numpy(a) for a in frames]
         if self.role.loads_tokens:
             for mb in batch.samples_for_replica(self.role.llm_replica):
-                for p in mb:
-                    if p not in rnd.tokens:
-                        t = tokenize(self.manifest.record(rows[p]), p, self.tokenizer)
-                        rnd.tokens[p] = torch.from_numpy(t.token_ids * 2 + t.is_target)
+                for s in mb:
+                    if s not in rnd.tokens:
+                        t = tokenize(self._record(rows[s // k], s), s, self.tokenizer)
+                        rnd.tokens[s] = torch.from_numpy(t.token_ids * 2 + t.is_target)
                         with self._lock:
                             self.counters.token_loads += 1
 
@@ -530,10 +669,12 @@ class StepLoader:
             good = [p for p in rnd.positions if p not in bad]
             nxt = rnd.positions[-1] + 1
             keep = set(good)
+            k = self._per_record
             rnd = _Round(step, good + list(range(nxt, nxt + len(bad))), rnd.generation,
-                         sizes={p: s for p, s in rnd.sizes.items() if p in keep},
-                         pixels={k: v for k, v in rnd.pixels.items() if k[0] in keep},
-                         tokens={p: t for p, t in rnd.tokens.items() if p in keep})
+                         sizes={s: v for s, v in rnd.sizes.items() if s // k in keep},
+                         pixels={key: v for key, v in rnd.pixels.items()
+                                 if key[0] // k in keep},
+                         tokens={s: t for s, t in rnd.tokens.items() if s // k in keep})
             self._run_round(rnd)
         step_plan = rnd.plan
         assert step_plan is not None
@@ -568,16 +709,30 @@ class StepLoader:
         else:
             self._cursor, self._step = end, step + 1
         self._skipped += len(skipped)
+        samples = tuple(rnd.refs[p] for p in rnd.positions)
         return StepData(
             step=step,
-            samples=tuple(rnd.refs[p] for p in rnd.positions),
+            samples=samples,
             plan=step_plan,
             position_ids=position_ids,
-            total_loss_tokens=sum(rnd.sizes[p].loss_tokens for p in rnd.positions),
+            total_loss_tokens=sum(rnd.sizes[s].loss_tokens for p in rnd.positions
+                                  for s in self._sample_ids(p)),
             vision_frames=tuple(frames),
             microbatches=microbatches,
             skipped=tuple(skipped),
+            pairs={2 * p: 2 * p + 1 for p in rnd.positions} if self.config.preference else {},
+            reference_logps=self._reference_logps(samples),
+            prompt_state=tuple(self._prompt_state[[r.row for r in samples]].tolist())
+            if self.config.prompt_state else (),
         )
+
+    def _reference_logps(self, samples: tuple[SampleRef, ...]) -> dict[int, float] | None:
+        if self.reference is None:
+            return None
+        values = self.reference.lookup(np.asarray([r.row for r in samples], np.int64),
+                                       [r.record_id for r in samples])
+        return {2 * r.position + j: float(values[i, j]) for i, r in enumerate(samples)
+                for j in range(2)}
 
     def __iter__(self) -> StepLoader:
         return self

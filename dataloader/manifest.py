@@ -66,8 +66,10 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("image", "video")
 """Media kinds; the columnar format stores the index (do not reorder)."""
-ROLES = ("system", "user", "assistant", "text")
-"""Turn roles; the columnar format stores the index (do not reorder)."""
+ROLES = ("system", "user", "assistant", "text", "chosen", "rejected")
+"""Turn roles; the columnar format stores the index (do not reorder, only append)."""
+PREFERENCE_ROLES = ("chosen", "rejected")
+"""The two answers of a preference record (its last two turns, after the prompt)."""
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -161,7 +163,8 @@ def _keys(d: Any, what: str, required: frozenset[str], allowed: frozenset[str]) 
 @dataclass(frozen=True)
 class Turn:
     role: str
-    """"system", "user", "assistant" (the loss is on assistant turns) or "text" (all loss)."""
+    """"system", "user", "assistant" (the loss is on assistant turns), "text" (all loss), or
+    "chosen" / "rejected": the two answers of a preference record."""
     content: str
 
     def __post_init__(self) -> None:
@@ -205,6 +208,30 @@ class Record:
             if not isinstance(m, MediaRef):
                 raise ManifestError(f"record {self.id!r}: media[{i}] is a {type(m).__name__}, "
                                     "not a MediaRef")
+        roles = [t.role for t in self.conversation]
+        if any(r in PREFERENCE_ROLES for r in roles):
+            if sorted(roles[-2:]) != sorted(PREFERENCE_ROLES) \
+                    or any(r in PREFERENCE_ROLES for r in roles[:-2]):
+                raise ManifestError(f"record {self.id!r}: a preference record ends with one "
+                                    f"'chosen' and one 'rejected' turn, got roles {roles}")
+            if "user" not in roles[:-2] or "text" in roles:
+                raise ManifestError(f"record {self.id!r}: a preference record needs a prompt "
+                                    f"with a user turn (and no 'text' turn), got roles {roles}")
+
+    @property
+    def is_preference(self) -> bool:
+        """A prompt with a chosen and a rejected answer (its last two turns)."""
+        return self.conversation[-1].role in PREFERENCE_ROLES
+
+    def answers(self) -> tuple[Record, Record]:
+        """A preference record as its two conversations: the prompt followed by the chosen
+        answer, and by the rejected one, each as an assistant turn."""
+        if not self.is_preference:
+            raise ValueError(f"record {self.id!r} is not a preference record")
+        prompt = self.conversation[:-2]
+        by_role = {t.role: t.content for t in self.conversation[-2:]}
+        return tuple(Record(self.id, self.dataset, (*prompt, Turn("assistant", by_role[r])),
+                            self.media) for r in PREFERENCE_ROLES)
 
     @property
     def visual_tokens(self) -> int:

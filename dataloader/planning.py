@@ -80,6 +80,9 @@ class LayoutComputer:
         return pos
 
     def layout(self, record: Record) -> RecordLayout:
+        """A preference record's layout is its chosen conversation's (as `sample_sizes`)."""
+        if record.is_preference:
+            record = record.answers()[0]
         roles = [t.role for t in record.conversation]
         media_turn = roles.index("user") if "user" in roles else 0
         pos = loss = 0

@@ -5,7 +5,9 @@ Prompt format (Qwen chat template with Keye-VL-1.5's visual tokens), per turn::
     <|im_start|>{role}\\n{media, first user turn only}{content}<|im_end|>\\n
 
 with the loss on the content and ``<|im_end|>`` of assistant turns; a ``"text"`` turn is plain
-pre-training text followed by ``<|endoftext|>``, all of it loss. Media::
+pre-training text followed by ``<|endoftext|>``, all of it loss. A preference record (prompt,
+chosen, rejected) is two sequences, ``Record.answers()``: the dataloader's preference mode loads
+both; anywhere else it stands for its chosen conversation (SFT on the chosen answers). Media::
 
     image: <|vision_start|> <|image_pad|> x tokens <|vision_end|>
     video: <|vision_start|> then per frame  <|frame|> "%.1f" timestamp as text
@@ -165,6 +167,8 @@ def _media_pieces(tok: Tokenizer, m: int, media: MediaRef) -> Iterator[_Piece]:
 
 def _pieces(record: Record, tok: Tokenizer) -> Iterator[_Piece]:
     sid = tok.special_id
+    if record.is_preference:
+        record = record.answers()[0]
     roles = [t.role for t in record.conversation]
     media_turn = roles.index("user") if "user" in roles else 0
     for i, turn in enumerate(record.conversation):

@@ -7,8 +7,8 @@ sequence counts upward from a random start, modulo the vocabulary). Rank 0 print
 rank's role, and the loss per step.
 
 Run (CPU, gloo):
-    python -m torch.distributed.run --standalone --nproc-per-node 4 examples/megatron_demo.py
-    python -m torch.distributed.run --standalone --nproc-per-node 4 examples/megatron_demo.py \\
+    python -m torch.distributed.run --standalone --nproc-per-node 4 -m examples.megatron_demo
+    python -m torch.distributed.run --standalone --nproc-per-node 4 -m examples.megatron_demo \\
         --tp 1 --pp 4 --steps 10
 """
 

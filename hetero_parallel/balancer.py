@@ -16,6 +16,11 @@ Every rank calls ``plan_global_batch`` with the same samples and gets a bit-iden
   best-fit-decreasing packing repair take over. A refusal says either "no placement exists"
   (proved by the bound or by the exhausted search) or "gave up" (the search hit its limit and
   the repair failed), with the numbers.
+  **Groups** (`SampleSpec.group`: a preference pair, the rollouts of one prompt) are placed as
+  one unit: its cost and tokens are its members' sums, it counts its members against equal
+  counts, and all of them land in one micro-batch; a group over the token cap is an error that
+  names it. With groups and equal counts a stuck greedy runs once more with the largest groups
+  first before the search.
 - **ViT.** Each media item (an image, or a chunk of ``frames_per_chunk`` consecutive video frames)
   goes to one of ``num_vit_ranks`` ranks by LPT on ``CostModel`` ViT cost, wherever its sample's
   text went. With ``split_vit_items``, an item above the fair share is split first (a chunk into
@@ -25,13 +30,13 @@ Every rank calls ``plan_global_batch`` with the same samples and gets a bit-iden
 Options and baselines: ``pipeline=PipelineSchedule(...)`` picks the micro-batch count and order
 that minimise the simulated pipeline (`PipelineSchedule` states the rule); `plan_by_position` is
 Megatron's split by position (the LLaVA layout) and `plan_loongforge_style` a LoongForge-style
-per-micro-batch balancing, both for comparisons.
+per-micro-batch balancing, both for comparisons; all of them keep groups whole.
 
 Determinism: items are ordered by (decreasing cost, sample id, media index, first frame; a split
-frame's pieces as one unit); ties between bins go to the lowest index. Costs are computed from
-exact integer sums, and a bin's load is the sum of its items' costs added in placement order, so
-the plan depends on nothing but the input (not on the order of ``samples`` either: everything is
-keyed by sample id).
+frame's pieces as one unit; a group as its smallest sample id); ties between bins go to the lowest
+index. Costs are computed from exact integer sums, and a bin's load is the sum of its items' costs
+added in placement order, so the plan depends on nothing but the input (not on the order of
+``samples`` either: everything is keyed by sample id).
 
 The plan is stored as flat numpy arrays; the whole-batch tuple views (``microbatches``,
 ``media_chunks``) are built on first use, and the per-rank views (``samples_for_replica``,
@@ -51,6 +56,7 @@ import heapq
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import cached_property
 
 import numpy as np
@@ -111,6 +117,11 @@ class SampleSpec:
     sample_id: int
     text_tokens: int
     media: tuple[MediaSpec, ...] = ()
+    group: int | None = None
+    """Samples of a batch with the same group id (an int >= 0) go to the same LLM replica and
+    micro-batch, e.g. the chosen and rejected answers of a preference pair, or the rollouts of one
+    prompt; None: a group of its own. Their ViT work is placed like any other (a member may have
+    no media, e.g. an answer whose prompt's media another member carries)."""
     num_tokens: int = field(init=False, repr=False, compare=False)
     """LLM sequence length: text plus every media token."""
     num_media: int = field(init=False, repr=False, compare=False)
@@ -121,6 +132,9 @@ class SampleSpec:
         if not _is_int(self.text_tokens) or self.text_tokens < 0:
             raise ValueError(f"sample {self.sample_id}: text_tokens must be an int >= 0, got "
                              f"{self.text_tokens!r}")
+        if self.group is not None and (not _is_int(self.group) or not 0 <= self.group < 2**63):
+            raise ValueError(f"sample {self.sample_id}: group must be None or an int in "
+                             f"[0, 2**63), got {self.group!r}")
         media = tuple(self.media)
         if not all(isinstance(m, MediaSpec) for m in media):
             raise TypeError(f"sample {self.sample_id}: media must be MediaSpec items")
@@ -135,7 +149,8 @@ class SampleSpec:
         frames = np.concatenate([m._tokens for m in media]) if media else np.zeros(0, np.int64)
         counts = np.asarray([m.num_frames for m in media], dtype=np.int64)
         object.__setattr__(self, "_header_bytes", np.array(
-            [self.sample_id, total, len(media)], dtype=_HEADER).tobytes())
+            [self.sample_id, total, len(media), -1 if self.group is None else self.group],
+            dtype=_HEADER).tobytes())
         object.__setattr__(self, "_frame_bytes", frames.astype(_WIRE).tobytes())
         object.__setattr__(self, "_media_frames_bytes", counts.astype(_WIRE).tobytes())
 
@@ -283,8 +298,9 @@ class PhaseReport:
 
     ``lower_bound = max(total / ranks, largest item)``: no placement of these indivisible items can
     have a smaller maximum. ``outliers`` are the items whose cost alone exceeds the fair share
-    ``total / ranks``, as ``(item, cost)`` with ``item`` a sample id (LLM) or an index into
-    ``BatchPlan.media_chunks`` (ViT), largest first.
+    ``total / ranks``, as ``(item, cost)`` with ``item`` a sample id (LLM; for a group of samples,
+    its smallest sample id and the group's cost) or an index into ``BatchPlan.media_chunks``
+    (ViT), largest first.
     """
 
     loads: tuple[float, ...]
@@ -332,7 +348,9 @@ class BatchPlan:
     """Where every sample and media chunk of one global batch goes. Compare plans with ``digest``.
 
     Arrays (read-only, int64 unless noted):
-    - ``sample_ids[i]``, ``replica[i]``, ``microbatch[i]`` for sample ``i`` in increasing id order;
+    - ``sample_ids[i]``, ``replica[i]``, ``microbatch[i]``, ``sample_tokens[i]``,
+      ``sample_group[i]`` (`SampleSpec.group`, -1 for None) for sample ``i`` in increasing id
+      order (samples of one group share their replica and micro-batch);
     - ``chunk_*[k]`` for chunk ``k`` in (sample id, media index, frame start, token start) order
       (``chunk_tokens``: the visual tokens it yields, to size the ViT -> LLM exchange;
       ``chunk_token_start`` / ``chunk_token_stop``: its token range, see `MediaChunk`;
@@ -348,6 +366,7 @@ class BatchPlan:
     replica: np.ndarray
     microbatch: np.ndarray
     sample_tokens: np.ndarray
+    sample_group: np.ndarray
     microbatch_costs: np.ndarray
     chunk_sample_id: np.ndarray
     chunk_media_index: np.ndarray
@@ -447,14 +466,16 @@ class BatchPlan:
 
     # --- comparison ---
     def digest(self) -> str:
-        """SHA-256 of every assignment (not the reports): equal digests, identical plans."""
+        """SHA-256 of every assignment and of the groups (not the reports): equal digests,
+        identical plans."""
         h = hashlib.sha256()
         h.update(np.asarray([self.num_replicas, self.num_microbatches, self.num_vit_ranks],
                             dtype="<i8").tobytes())
+        grouped = (self.sample_group,) if (self.sample_group >= 0).any() else ()
         for arr in (self.sample_ids, self.replica, self.microbatch, self.chunk_sample_id,
                     self.chunk_media_index, self.chunk_frame_start, self.chunk_frame_stop,
                     self.chunk_vit_rank, self.chunk_tokens, self.chunk_token_start,
-                    self.chunk_token_stop):
+                    self.chunk_token_stop, *grouped):
             h.update(np.ascontiguousarray(arr, dtype="<i8").tobytes())
         return h.hexdigest()
 
@@ -506,10 +527,15 @@ def plan_global_batch(
     (`BatchPlan.split_groups`). Off by default: the ViT must run sequence-parallel attention for
     split frames.
 
+    Samples with the same `SampleSpec.group` share one replica and one micro-batch (see the
+    module docstring); ``BatchPlan.sample_group`` keeps the group ids.
+
     Raises ``ValueError`` (naming the values) for: a non-positive count; duplicate sample ids; fewer
-    samples than ``num_replicas * num_microbatches`` (every micro-batch needs one); a sample longer
-    than ``max_tokens_per_microbatch``; ``equal_samples_per_replica`` with ``len(samples)`` not a
-    multiple of ``num_replicas``; a batch that cannot fit under the token cap ("no placement
+    samples (with groups: fewer groups) than ``num_replicas * num_microbatches`` (every
+    micro-batch needs one); a sample or a group (its members and their tokens) longer than
+    ``max_tokens_per_microbatch``; ``equal_samples_per_replica`` with ``len(samples)`` not a
+    multiple of ``num_replicas``, or with a group larger than a replica's share or group sizes
+    that cannot add up to it; a batch that cannot fit under the token cap ("no placement
     exists", proved); and one the bounded fallback could not place ("gave up": rare, at scale with
     a cap within a few percent of the mean micro-batch, mostly with equal counts).
     """
@@ -524,47 +550,166 @@ def plan_global_batch(
         raise ValueError(f"split_share must be a finite number > 0, got {split_share!r}")
 
     n = len(samples)
-    header = np.frombuffer(b"".join(map(_HEADER_BYTES, samples)), dtype=_HEADER).reshape(n, 3)
-    by_id = np.argsort(header[:, 0], kind="stable")
-    ids, tokens, media_count = (np.ascontiguousarray(col) for col in header[by_id].T)
-    samples = [samples[i] for i in by_id.tolist()]
-    if n > 1 and (dup := np.flatnonzero(ids[1:] == ids[:-1])).size:
-        raise ValueError(f"sample id {int(ids[dup[0]])} appears more than once in the batch")
+    samples, ids, tokens, media_count, group = _read_samples(samples)
+    groups = _Groups.build(ids, tokens, group)
     slots = num_replicas * num_microbatches
-    if n < slots:
+    if groups.count < slots:
         raise ValueError(
-            f"{n} samples cannot fill num_replicas({num_replicas}) * "
-            f"num_microbatches({num_microbatches}) = {slots} micro-batches (each needs a sample)"
+            f"{n} samples{groups.in_groups()} cannot fill num_replicas({num_replicas}) * "
+            f"num_microbatches({num_microbatches}) = {slots} micro-batches (each needs a sample"
+            + (", and a group's samples share one)" if groups.size is not None else ")")
         )
     if equal_samples_per_replica and n % num_replicas:
         raise ValueError(
             f"equal_samples_per_replica: {n} samples do not divide evenly over "
             f"num_replicas({num_replicas})"
         )
-    if cap is not None and (over := np.flatnonzero(tokens > cap)).size:
+    single = groups.size is None or groups.group[groups.of_sample] < 0
+    if cap is not None and (over := np.flatnonzero((tokens > cap) & single)).size:
         i = int(over[np.argmax(tokens[over])])
         raise ValueError(
             f"sample {int(ids[i])} has {int(tokens[i])} tokens, more than "
             f"max_tokens_per_microbatch({cap}) ({over.size} sample(s) over the cap)"
         )
+    quota = n // num_replicas if equal_samples_per_replica else None
+    groups.check(cap, quota, num_replicas)
 
     llm_cost = np.asarray(cost_model.llm_cost(tokens), dtype=np.float64)
-    quota = n // num_replicas if equal_samples_per_replica else None
+    cost = groups.sum_cost(llm_cost)
     if pipeline is None:
         replica, microbatch, mb_costs = _place_samples(
-            llm_cost, tokens, ids, num_replicas, num_microbatches, cap, quota)
-        microbatch, mb_costs = _pipeline_order(replica, microbatch, mb_costs, ids)
+            cost, groups.tokens, groups.key, num_replicas, num_microbatches, cap, quota,
+            groups.size, groups.name)
+        microbatch, mb_costs = _pipeline_order(replica, microbatch, mb_costs, groups.key)
     else:
         replica, microbatch, mb_costs = _place_for_pipeline(
-            llm_cost, tokens, ids, num_replicas, num_microbatches, cap, quota, pipeline)
+            cost, groups.tokens, groups.key, num_replicas, num_microbatches, cap, quota,
+            pipeline, groups.size, groups.name)
         num_microbatches = mb_costs.shape[1]
 
     chunks = _media_chunks(samples, ids, media_count, frames_per_chunk, cost_model,
                            split_share=split_share if split_vit_items else None,
                            num_vit_ranks=num_vit_ranks)
     vit_rank, vit_loads = _place_vit(chunks, num_vit_ranks)
-    return _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks, vit_rank,
-                     vit_loads, num_replicas, num_microbatches, num_vit_ranks)
+    return _assemble(ids, tokens, group, groups, llm_cost, cost, groups.expand(replica),
+                     groups.expand(microbatch), mb_costs, chunks, vit_rank, vit_loads,
+                     num_replicas, num_microbatches, num_vit_ranks)
+
+
+def _read_samples(samples: Sequence[SampleSpec]):
+    """``(samples, ids, tokens, media counts, groups)`` in increasing id order (group -1: none);
+    ``ValueError`` for a repeated id."""
+    n = len(samples)
+    header = np.frombuffer(b"".join(map(_HEADER_BYTES, samples)), dtype=_HEADER).reshape(n, 4)
+    by_id = np.argsort(header[:, 0], kind="stable")
+    ids, tokens, media_count, group = (np.ascontiguousarray(col) for col in header[by_id].T)
+    if n > 1 and (dup := np.flatnonzero(ids[1:] == ids[:-1])).size:
+        raise ValueError(f"sample id {int(ids[dup[0]])} appears more than once in the batch")
+    return [samples[i] for i in by_id.tolist()], ids, tokens, media_count, group
+
+
+@dataclass(frozen=True)
+class _Groups:
+    """The units the LLM placement moves: each group, and each sample without a group (a group
+    of one), in increasing order of ``key``, the smallest sample id of the unit. When every unit
+    is one sample, ``size`` and ``of_sample`` are None and the units are the samples."""
+
+    key: np.ndarray
+    tokens: np.ndarray
+    """Summed over the members (exact integers)."""
+    group: np.ndarray
+    """Group id of each unit (-1: a sample without one)."""
+    size: np.ndarray | None
+    """Members of each unit."""
+    of_sample: np.ndarray | None
+    """Unit of each sample (samples in increasing id order)."""
+    ids: np.ndarray
+    sample_tokens: np.ndarray
+
+    @classmethod
+    def build(cls, ids: np.ndarray, tokens: np.ndarray, group: np.ndarray) -> _Groups:
+        grouped = group >= 0
+        if grouped.sum() > 1:
+            labels, first_of, inverse = np.unique(
+                np.where(grouped, group, -1 - np.arange(ids.size)),
+                return_index=True, return_inverse=True)
+            if labels.size < ids.size:
+                order = np.argsort(first_of, kind="stable")  # units by their smallest id
+                rank = np.empty_like(order)
+                rank[order] = np.arange(order.size)
+                of_sample = rank[inverse]
+                unit_first = first_of[order]
+                return cls(key=ids[unit_first], tokens=_sum_by(of_sample, tokens, order.size),
+                           group=group[unit_first],
+                           size=np.bincount(of_sample, minlength=order.size),
+                           of_sample=of_sample, ids=ids, sample_tokens=tokens)
+        return cls(key=ids, tokens=tokens, group=group, size=None, of_sample=None, ids=ids,
+                   sample_tokens=tokens)
+
+    @property
+    def count(self) -> int:
+        return self.key.size
+
+    def in_groups(self) -> str:
+        return "" if self.size is None else f" in {self.count} groups"
+
+    def sum_cost(self, llm_cost: np.ndarray) -> np.ndarray:
+        """Each unit's cost: its members' costs added in increasing id order."""
+        if self.of_sample is None:
+            return llm_cost
+        out = np.zeros(self.count)
+        np.add.at(out, self.of_sample, llm_cost)
+        return out
+
+    def expand(self, per_unit: np.ndarray) -> np.ndarray:
+        """A per-unit array as a per-sample one (samples in increasing id order)."""
+        return per_unit if self.of_sample is None else per_unit[self.of_sample]
+
+    def members(self, unit: int) -> np.ndarray:
+        return np.flatnonzero(self.of_sample == unit)
+
+    def name(self, key: int) -> str:
+        """The unit with smallest id ``key`` as an error names it, with its tokens."""
+        u = int(np.searchsorted(self.key, key))
+        if self.size is None or self.group[u] < 0:
+            return f"sample {key} ({int(self.tokens[u])} tokens)"
+        rows = self.members(u)
+        cut = rows.size > _NAMED_MEMBERS
+        shown = rows[:_NAMED_MEMBERS]
+        ids = ", ".join([str(int(i)) for i in self.ids[shown]] + ["..."] * cut)
+        tokens = " + ".join([str(int(t)) for t in self.sample_tokens[shown]] + ["..."] * cut)
+        count = f"{rows.size} samples: " if cut else "samples "
+        return (f"group {int(self.group[u])} ({count}{ids} with {tokens} = "
+                f"{int(self.tokens[u])} tokens)")
+
+    def check(self, cap: int | None, quota: int | None, num_replicas: int) -> None:
+        """``ValueError`` for a group that no placement can hold: over the token cap, larger
+        than a replica's quota, or of sizes that cannot add up to the quota."""
+        if self.size is None:
+            return
+        if cap is not None and (over := np.flatnonzero(self.tokens > cap)).size:
+            u = int(over[np.argmax(self.tokens[over])])
+            raise ValueError(
+                f"{self.name(int(self.key[u]))} is over max_tokens_per_microbatch({cap}): a "
+                f"group's samples share one micro-batch ({over.size} group(s) over the cap)")
+        if quota is None:
+            return
+        u = int(np.argmax(self.size))
+        if self.size[u] > quota:
+            raise ValueError(
+                f"equal_samples_per_replica: {self.name(int(self.key[u]))} holds "
+                f"{int(self.size[u])} samples, more than the {quota} each of "
+                f"num_replicas({num_replicas}) gets")
+        step = int(np.gcd.reduce(self.size))
+        if quota % step:
+            raise ValueError(
+                f"equal_samples_per_replica: every group has a multiple of {step} samples, so no "
+                f"replica can get {quota} ({quota * num_replicas} samples over "
+                f"num_replicas({num_replicas}))")
+
+
+_NAMED_MEMBERS = 16
+"""An error lists at most this many samples of a group."""
 
 
 def plan_by_position(
@@ -583,6 +728,8 @@ def plan_by_position(
     micro-batches; a sample's media chunks go to the ViT ranks ``replica_vit_ranks[r]`` of its own
     replica (Megatron's LLaVA layout: the ViT lives on pipeline stage 0), round robin in chunk
     order.
+    Groups (`SampleSpec.group`) stay whole: a group takes the position of its smallest sample id,
+    and a cut that would fall inside a group moves to the group's end (`_position_split`).
     The cost model only fills the reports. Same output type as `plan_global_batch`, so the same
     routing and step code runs both.
     """
@@ -591,18 +738,19 @@ def plan_by_position(
                          f"{num_replicas} replicas, got {list(replica_vit_ranks)!r}")
     num_vit_ranks = max(max(r) for r in replica_vit_ranks) + 1
     n = len(samples)
-    if n < num_replicas * num_microbatches:
-        raise ValueError(f"{n} samples cannot fill num_replicas({num_replicas}) * "
-                         f"num_microbatches({num_microbatches}) micro-batches")
-    header = np.frombuffer(b"".join(map(_HEADER_BYTES, samples)), dtype=_HEADER).reshape(n, 3)
-    by_id = np.argsort(header[:, 0], kind="stable")
-    ids, tokens, media_count = (np.ascontiguousarray(col) for col in header[by_id].T)
-    samples = [samples[i] for i in by_id.tolist()]
-    replica = _contiguous_split(n, num_replicas)
-    microbatch = np.empty(n, dtype=np.int64)
+    samples, ids, tokens, media_count, group = _read_samples(samples)
+    groups = _Groups.build(ids, tokens, group)
+    if groups.count < num_replicas * num_microbatches:
+        raise ValueError(f"{n} samples{groups.in_groups()} cannot fill "
+                         f"num_replicas({num_replicas}) * num_microbatches({num_microbatches}) "
+                         f"micro-batches")
+    unit_replica = _position_split(groups.size, groups.count, num_replicas, num_microbatches)
+    unit_mb = np.empty(groups.count, dtype=np.int64)
     for r in range(num_replicas):
-        rows = np.flatnonzero(replica == r)
-        microbatch[rows] = _contiguous_split(rows.size, num_microbatches)
+        rows = np.flatnonzero(unit_replica == r)
+        unit_mb[rows] = _position_split(None if groups.size is None else groups.size[rows],
+                                        rows.size, num_microbatches)
+    replica, microbatch = groups.expand(unit_replica), groups.expand(unit_mb)
     llm_cost = np.asarray(cost_model.llm_cost(tokens), dtype=np.float64)
     mb_costs = np.zeros((num_replicas, num_microbatches))
     np.add.at(mb_costs, (replica, microbatch), llm_cost)
@@ -616,8 +764,9 @@ def plan_by_position(
                                                           % len(replica_vit_ranks[r])]
     vit_loads = np.zeros(num_vit_ranks)
     np.add.at(vit_loads, vit_rank, chunks.cost)
-    return _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks, vit_rank,
-                     vit_loads, num_replicas, num_microbatches, num_vit_ranks)
+    return _assemble(ids, tokens, group, groups, llm_cost, groups.sum_cost(llm_cost), replica,
+                     microbatch, mb_costs, chunks, vit_rank, vit_loads, num_replicas,
+                     num_microbatches, num_vit_ranks)
 
 
 def _contiguous_split(n: int, parts: int) -> np.ndarray:
@@ -627,12 +776,34 @@ def _contiguous_split(n: int, parts: int) -> np.ndarray:
     return np.repeat(np.arange(parts), sizes)
 
 
-def _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks: _Chunks, vit_rank,
-              vit_loads, num_replicas: int, num_microbatches: int,
-              num_vit_ranks: int) -> BatchPlan:
+def _position_split(sizes: np.ndarray | None, count: int, parts: int,
+                    min_units: int = 1) -> np.ndarray:
+    """Part index of each of ``count`` units (groups of ``sizes`` samples, in position order; None:
+    one sample each) cut into ``parts`` contiguous runs of at least ``min_units`` units each
+    (``count >= parts * min_units``).
+
+    The cuts of `_contiguous_split` over the samples, each moved forward to the next unit
+    boundary (a group across a cut stays in the earlier run), then moved on where a run would
+    hold fewer than ``min_units`` units, and back where the runs after it would. Without
+    groups, the cuts of `_contiguous_split` themselves."""
+    if sizes is None:
+        return _contiguous_split(count, parts)
+    n = int(sizes.sum())
+    cut = np.cumsum(np.where(np.arange(parts) < n % parts, n // parts + 1, n // parts))[:-1]
+    first = np.searchsorted(np.cumsum(sizes) - sizes, cut, side="left")  # first unit at/after cut
+    k = np.arange(parts)
+    bounds = np.concatenate(([0], first))
+    bounds = k * min_units + np.maximum.accumulate(bounds - k * min_units)
+    bounds = np.minimum(bounds, count - (parts - k) * min_units)
+    return np.repeat(k, np.diff(np.concatenate((bounds, [count]))))
+
+
+def _assemble(ids, tokens, group, groups: _Groups, llm_cost, unit_cost, replica, microbatch,
+              mb_costs, chunks: _Chunks, vit_rank, vit_loads, num_replicas: int,
+              num_microbatches: int, num_vit_ranks: int) -> BatchPlan:
     arrays = dict(
         sample_ids=ids, replica=replica, microbatch=microbatch, sample_tokens=tokens,
-        microbatch_costs=mb_costs, chunk_sample_id=chunks.sample_id,
+        sample_group=group, microbatch_costs=mb_costs, chunk_sample_id=chunks.sample_id,
         chunk_media_index=chunks.media_index, chunk_frame_start=chunks.frame_start,
         chunk_frame_stop=chunks.frame_stop, chunk_vit_rank=vit_rank, chunk_tokens=chunks.tokens,
         chunk_token_start=chunks.token_start, chunk_token_stop=chunks.token_stop,
@@ -644,7 +815,7 @@ def _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks: _Chu
         num_replicas=num_replicas,
         num_microbatches=num_microbatches,
         num_vit_ranks=num_vit_ranks,
-        llm_report=PhaseReport.build(mb_costs.sum(axis=1), llm_cost, ids),
+        llm_report=PhaseReport.build(mb_costs.sum(axis=1), unit_cost, groups.key),
         vit_report=PhaseReport.build(vit_loads, chunks.cost, np.arange(chunks.size)),
         **arrays,
     )
@@ -798,13 +969,43 @@ def lpt_assign_reference(costs: Sequence[float], num_bins: int) -> tuple[list[in
 
 # --- LLM placement ------------------------------------------------------------------------------
 def _place_samples(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray, num_replicas: int,
-                   num_microbatches: int, cap: int | None,
-                   quota: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(replica, micro-batch, micro-batch costs) of every sample (positions as in ``ids``)."""
+                   num_microbatches: int, cap: int | None, quota: int | None,
+                   sizes: np.ndarray | None = None, names=None,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(replica, micro-batch, micro-batch costs) of every unit (positions as in ``ids``).
+
+    Units are samples, or groups of ``sizes`` samples (None: one each) that count as that many
+    samples against ``quota``; ``names(id)`` names a unit in errors (default: ``sample id``).
+    When the greedy gets stuck with groups and a quota, it runs once more with the largest
+    groups first (the single samples, placed last, then fill whatever counts are left) before
+    the search."""
     order = np.argsort(-cost, kind="stable")  # ids are increasing: ties go to the smaller id
+    placed = _greedy(cost, tokens, order, num_replicas, num_microbatches, cap, quota, sizes)
+    if isinstance(placed, int) and quota is not None and sizes is not None:
+        again = _greedy(cost, tokens, np.lexsort((-cost, -sizes)), num_replicas,
+                        num_microbatches, cap, quota, sizes)
+        placed = placed if isinstance(again, int) else again
+    if isinstance(placed, int):
+        replica, mb, mb_costs = _place_when_greedy_fails(
+            cost[order], tokens[order], ids[order], num_replicas, num_microbatches, cap,
+            quota, placed, None if sizes is None else sizes[order], names)
+        rep_out = np.empty_like(replica)
+        mb_out = np.empty_like(mb)
+        rep_out[order] = replica
+        mb_out[order] = mb
+        return rep_out, mb_out, mb_costs
+    return placed
+
+
+def _greedy(cost: np.ndarray, tokens: np.ndarray, order: np.ndarray, num_replicas: int,
+            num_microbatches: int, cap: int | None, quota: int | None,
+            sizes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | int:
+    """The greedy over the units in ``order``: (replica, micro-batch, micro-batch costs) of
+    every unit (positions as in ``cost``), or the index in ``order`` where it got stuck."""
+    sized = None if sizes is None else sizes[order]
     replica_cap = None if cap is None else cap * num_microbatches
     replica = _assign_replicas(cost[order], tokens[order], num_replicas, num_microbatches,
-                               replica_cap, quota)
+                               replica_cap, quota, sized)
     placed = None if replica is None else _assign_microbatches(
         cost[order], tokens[order], replica, num_replicas, num_microbatches, cap)
     if placed is None:
@@ -813,11 +1014,9 @@ def _place_samples(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray, num_re
         # also has total room), and otherwise fits more. If it too gets stuck, search.
         try:
             replica, mb, mb_costs = _place_joint(cost[order], tokens[order], num_replicas,
-                                                 num_microbatches, cap, quota)
+                                                 num_microbatches, cap, quota, sized)
         except _NoRoom as stuck:
-            replica, mb, mb_costs = _place_when_greedy_fails(
-                cost[order], tokens[order], ids[order], num_replicas, num_microbatches, cap,
-                quota, stuck.index)
+            return stuck.index
     else:
         mb, mb_costs = placed
     rep_out = np.empty_like(replica)
@@ -829,9 +1028,10 @@ def _place_samples(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray, num_re
 
 def _assign_replicas(cost: np.ndarray, tokens: np.ndarray, num_replicas: int,
                      num_microbatches: int, replica_cap: int | None,
-                     quota: int | None) -> np.ndarray | None:
+                     quota: int | None, sizes: np.ndarray | None = None) -> np.ndarray | None:
     """Replica of each item (items in placement order) by constrained LPT on replica totals;
-    None when an item finds no replica with total token room.
+    None when an item finds no replica with total token room (or, for a group of ``sizes``
+    samples, none with room left under ``quota``).
 
     Runs the unconstrained ``lpt_assign`` first; its assignment is the constrained one up to the
     first item where a constraint would bind (a full quota, a replica out of token room, or only as
@@ -842,8 +1042,16 @@ def _assign_replicas(cost: np.ndarray, tokens: np.ndarray, num_replicas: int,
     bins, _ = lpt_assign(cost, num_replicas)
     rank = _rank_within(bins, num_replicas)
     stops = [n]
-    if quota is not None and (over := np.flatnonzero(rank >= quota)).size:
-        stops.append(int(over[0]))
+    if quota is not None:
+        if sizes is None:
+            over = np.flatnonzero(rank >= quota)
+        else:
+            by_bin = np.argsort(bins, kind="stable")
+            members = np.empty(n, dtype=np.int64)
+            members[by_bin] = _group_cumsum(sizes[by_bin], bins[by_bin])
+            over = np.flatnonzero(members > quota)
+        if over.size:
+            stops.append(int(over[0]))
     fills = np.concatenate(([0], np.cumsum(rank < m)[:-1]))  # empty micro-batches filled before i
     gap = (n - np.arange(n)) - (num_replicas * m - fills)
     if (tight := np.flatnonzero(gap == 0)).size:
@@ -860,13 +1068,16 @@ def _assign_replicas(cost: np.ndarray, tokens: np.ndarray, num_replicas: int,
 
     prefix = bins[:start]
     counts = np.bincount(prefix, minlength=num_replicas).tolist()
+    size = [1] * n if sizes is None else sizes.tolist()
+    members = counts.copy() if sizes is None else _sum_by(prefix, sizes[:start],
+                                                          num_replicas).tolist()
     loads = np.zeros(num_replicas)
     np.add.at(loads, prefix, cost[:start])  # in item order: the same additions as the greedy
     room = None
     if replica_cap is not None:
         room = (replica_cap - _sum_by(prefix, tokens[:start], num_replicas)).tolist()
     heap = [(load, r) for r, load in enumerate(loads.tolist())
-            if quota is None or counts[r] < quota]
+            if quota is None or members[r] < quota]
     heapq.heapify(heap)
     deficit = sum(max(0, m - c) for c in counts)
     forced = False
@@ -874,19 +1085,22 @@ def _assign_replicas(cost: np.ndarray, tokens: np.ndarray, num_replicas: int,
     for i in range(start, n):
         c = float(cost[i])
         t = int(tokens[i])
+        s = size[i]
         if not forced and n - i == deficit:
             forced, heap = True, _only_short(heap, counts, m)
-        found, skipped = _pop_until(heap, lambda r, t=t: room is None or room[r] >= t)
+        found, skipped = _pop_until(heap, lambda r, t=t, s=s: (
+            (room is None or room[r] >= t) and (quota is None or members[r] + s <= quota)))
         if found is None:
             return None  # the joint path reaches the same item and reports it
         load, r = found
         counts[r] += 1
+        members[r] += s
         if counts[r] <= m:
             deficit -= 1
         if room is not None:
             room[r] -= t
         out[i] = r
-        if (quota is not None and counts[r] == quota) or (forced and counts[r] == m):
+        if (quota is not None and members[r] == quota) or (forced and counts[r] == m):
             heapq.heappop(heap)
         else:
             heapq.heapreplace(heap, (load + c, r))
@@ -946,16 +1160,21 @@ def _pop_until(heap: list[tuple[float, int]], qualifies):
 
 
 def _place_joint(cost: np.ndarray, tokens: np.ndarray, num_replicas: int,
-                 num_microbatches: int, cap: int, quota: int | None,
+                 num_microbatches: int, cap: int | None, quota: int | None,
+                 sizes: np.ndarray | None = None,
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Slow path of ``_place_samples``: a replica qualifies only if one of its micro-batches has
-    room. Items are in placement order; ``_NoRoom`` if one fits nowhere."""
+    room (and, for a group of ``sizes`` samples, its quota has room). Items are in placement
+    order; ``_NoRoom`` if one fits nowhere."""
     n = cost.size
     m = num_microbatches
+    limit = float("inf") if cap is None else cap
     mb_load = [[0.0] * m for _ in range(num_replicas)]
     mb_used = [[0] * m for _ in range(num_replicas)]
     mb_count = [[0] * m for _ in range(num_replicas)]
     counts = [0] * num_replicas
+    members = [0] * num_replicas
+    size = [1] * n if sizes is None else sizes.tolist()
     heap = [(0.0, r) for r in range(num_replicas)]
     deficit = num_replicas * m
     forced = False
@@ -963,27 +1182,30 @@ def _place_joint(cost: np.ndarray, tokens: np.ndarray, num_replicas: int,
     mb_out = [0] * n
 
     def best_mb(r: int, t: int) -> int | None:
-        fits = [j for j in range(m) if mb_used[r][j] + t <= cap]
+        fits = [j for j in range(m) if mb_used[r][j] + t <= limit]
         if not fits:
             return None
         return min(fits, key=lambda j: (mb_count[r][j] > 0, mb_load[r][j], j))
 
     for i, (c, t) in enumerate(zip(cost.tolist(), tokens.tolist(), strict=True)):
+        s = size[i]
         if not forced and n - i == deficit:
             forced, heap = True, _only_short(heap, counts, m)
-        found, skipped = _pop_until(heap, lambda r, t=t: best_mb(r, t) is not None)
+        found, skipped = _pop_until(heap, lambda r, t=t, s=s: (
+            (quota is None or members[r] + s <= quota) and best_mb(r, t) is not None))
         if found is None:
             raise _NoRoom(i)
         load, r = found
         j = best_mb(r, t)
         counts[r] += 1
+        members[r] += s
         if counts[r] <= m:
             deficit -= 1
         mb_load[r][j] += c
         mb_used[r][j] += t
         mb_count[r][j] += 1
         rep_out[i], mb_out[i] = r, j
-        if (quota is not None and counts[r] == quota) or (forced and counts[r] == m):
+        if (quota is not None and members[r] == quota) or (forced and counts[r] == m):
             heapq.heappop(heap)
         else:
             heapq.heapreplace(heap, (load + c, r))
@@ -1011,18 +1233,18 @@ class _NoRoom(Exception):
 
 
 def _place_when_greedy_fails(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray,
-                             num_replicas: int, num_microbatches: int, cap: int,
-                             quota: int | None,
-                             stuck: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Placement of items (in placement order) that the greedy could not fit under ``cap``; it
-    stopped at item ``stuck``.
+                             num_replicas: int, num_microbatches: int, cap: int | None,
+                             quota: int | None, stuck: int, sizes: np.ndarray | None = None,
+                             names=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Placement of items (in placement order) that the greedy could not fit under ``cap`` (or,
+    for groups of ``sizes`` samples, under ``quota``); it stopped at item ``stuck``.
 
     Whether the items fit does not depend on costs: it is bin packing into ``num_replicas *
-    num_microbatches`` micro-batches of ``cap`` tokens, none empty, with ``quota`` items per
-    replica when asked. In turn:
+    num_microbatches`` micro-batches of ``cap`` tokens, none empty, with ``quota`` samples per
+    replica when asked (a group counts its ``sizes``). In turn:
 
-    1. a lower bound (`_bins_needed`; under a quota also the ``quota`` smallest items against one
-       replica's room) may prove that no placement exists;
+    1. a lower bound (`_bins_needed`; under a quota also the fewest tokens ``quota`` samples can
+       hold against one replica's room) may prove that no placement exists;
     2. an exact depth-first search (`_search`) that tries the greedy's own preferences first,
        bounded by `SEARCH_BUDGET`: it finds a placement or proves there is none;
     3. if the search hit its limit and there is no quota, a packing repair (`_pack_first`):
@@ -1032,46 +1254,68 @@ def _place_when_greedy_fails(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarr
     "gave up" otherwise, with the numbers either way.
     """
     n, bins = cost.size, num_replicas * num_microbatches
-    where = (f"{n} samples ({int(tokens.sum())} tokens, largest {int(tokens.max())}) in "
-             f"num_replicas({num_replicas}) x num_microbatches({num_microbatches}) "
-             f"micro-batches of at most max_tokens_per_microbatch({cap}) tokens"
+    unit = "" if sizes is None else " group"
+    where = ((f"{n} samples" if sizes is None else f"{int(sizes.sum())} samples in {n} groups")
+             + f" ({int(tokens.sum())} tokens, largest{unit} {int(tokens.max())}) in "
+             f"num_replicas({num_replicas}) x num_microbatches({num_microbatches}) micro-batches"
+             + (f" of at most max_tokens_per_microbatch({cap}) tokens" if cap is not None else "")
              + (f" with {quota} samples per replica" if quota is not None else ""))
-    hint = "raise the cap, add micro-batches or replicas, or shrink the batch"
-    need = _bins_needed(tokens, cap)
+    hint = ("raise the cap, add micro-batches or replicas, or shrink the batch" if cap is not None
+            else "turn off equal_samples_per_replica or regroup the batch")
+    need = 1 if cap is None else _bins_needed(tokens, cap)
     if need > bins:
         raise ValueError(
             f"no placement exists for {where}: they need at least {need} micro-batches "
             f"(Martello-Toth bin-packing lower bound) and there are {bins}; {hint}")
-    if quota is not None:
-        smallest = int(np.sort(tokens)[:quota].sum())
+    if quota is not None and cap is not None:
+        smallest = _fewest_tokens(tokens, sizes, quota)
         if smallest > num_microbatches * cap:
+            held = (f"the {quota} smallest samples hold {smallest} tokens" if sizes is None else
+                    f"any {quota} samples (groups whole) hold at least {smallest} tokens")
             raise ValueError(
-                f"no placement exists for {where}: the {quota} smallest samples hold {smallest} "
-                f"tokens, more than one replica's num_microbatches({num_microbatches}) x "
-                f"max_tokens_per_microbatch({cap}) = {num_microbatches * cap}; {hint}")
-    placed, exhausted, work = _search(cost, tokens, num_replicas, num_microbatches, cap, quota)
+                f"no placement exists for {where}: {held}, more than one replica's "
+                f"num_microbatches({num_microbatches}) x max_tokens_per_microbatch({cap}) = "
+                f"{num_microbatches * cap}; {hint}")
+    placed, exhausted, work = _search(cost, tokens, num_replicas, num_microbatches, cap, quota,
+                                      sizes)
+    bound = "" if cap is None else f" (lower bound: {need} micro-batches of {bins})"
     if exhausted:
         raise ValueError(
-            f"no placement exists for {where}: an exhaustive search ({work} steps) found none "
-            f"(lower bound: {need} micro-batches of {bins}); {hint}")
+            f"no placement exists for {where}: an exhaustive search ({work} steps) found "
+            f"none{bound}; {hint}")
     if placed is None and quota is None:
         placed = _pack_first(cost, tokens, num_replicas, num_microbatches, cap)
     if placed is None:
+        who = (f"sample {int(ids[stuck])} ({int(tokens[stuck])} tokens)" if names is None
+               else names(int(ids[stuck])))
         raise ValueError(
-            f"gave up placing {where}: the greedy found no micro-batch with room for sample "
-            f"{int(ids[stuck])} ({int(tokens[stuck])} tokens), an exact search stopped at its "
-            f"limit of {SEARCH_BUDGET} steps"
+            f"gave up placing {where}: the greedy found no micro-batch with room for {who}, an "
+            f"exact search stopped at its limit of {SEARCH_BUDGET} steps"
             + ("" if quota is not None else " and best-fit packing found no room either")
-            + f"; a placement may still exist (lower bound: {need} micro-batches of {bins}); "
-            + hint)
+            + f"; a placement may still exist{bound}; {hint}")
     replica, mb = placed
     mb_costs = np.zeros((num_replicas, num_microbatches))
     np.add.at(mb_costs, (replica, mb), cost)  # in placement order, as the greedy adds them
     return replica, mb, mb_costs
 
 
+def _fewest_tokens(tokens: np.ndarray, sizes: np.ndarray | None, quota: int) -> int:
+    """The fewest tokens that units holding ``quota`` samples in all can have: exact without
+    groups (the ``quota`` smallest samples); with groups of ``sizes`` samples a lower bound, the
+    ``quota`` samples with the fewest tokens when a group's are shared equally by its members."""
+    if sizes is None:
+        return int(np.sort(tokens)[:quota].sum())
+    total, left = 0, quota
+    for t, s in sorted(zip(tokens.tolist(), sizes.tolist(), strict=True),
+                       key=lambda ts: Fraction(*ts)):
+        if s >= left:
+            return total + -(-t * left // s)
+        total, left = total + t, left - s
+    return total
+
+
 def _search(cost: np.ndarray, tokens: np.ndarray, num_replicas: int, num_microbatches: int,
-            cap: int, quota: int | None,
+            cap: int | None, quota: int | None, sizes: np.ndarray | None = None,
             ) -> tuple[tuple[np.ndarray, np.ndarray] | None, bool, int]:
     """``(placement, exhausted, work)``: the placement (replica and micro-batch of each item)
     or None; ``exhausted`` when the whole search ran (then None proves that none exists) rather
@@ -1083,13 +1327,18 @@ def _search(cost: np.ndarray, tokens: np.ndarray, num_replicas: int, num_microba
     interchangeable with one already tried for this item (same tokens used; under a quota also
     a replica with the same count and micro-batch fillings); a state already known to fail (same
     remaining items and the same fillings up to those symmetries); more tokens left than room; a
-    placement that leaves fewer items than empty micro-batches (of a replica, under a quota).
+    placement that leaves fewer items than empty micro-batches (of a replica, under a quota:
+    fewer samples than its empty micro-batches). A group of ``sizes`` samples counts that many
+    against ``quota``; no ``cap``: micro-batches without a token limit.
     """
     n, m, nr = cost.size, num_microbatches, num_replicas
     bins = nr * m
+    if cap is None:
+        cap = int(tokens.sum())
     order = np.lexsort((np.arange(n), -tokens)).tolist()
     size = tokens[order].tolist()
     weight = cost[order].tolist()
+    members = [1] * n if sizes is None else sizes[order].tolist()
     rest = np.concatenate((np.cumsum(tokens[order][::-1])[::-1], [0])).tolist()
     used = [[0] * m for _ in range(nr)]
     mb_load = [[0.0] * m for _ in range(nr)]
@@ -1110,11 +1359,11 @@ def _search(cost: np.ndarray, tokens: np.ndarray, num_replicas: int, num_microba
     def options(i: int):
         """Candidate (replica, micro-batch) pairs for item ``i``, lazily; counts its work."""
         nonlocal work
-        t = size[i]
+        t, k = size[i], members[i]
         seen = set()
         work += nr
         for r in sorted(range(nr), key=lambda r: (load[r], r)):
-            if quota is not None and count[r] >= quota:
+            if quota is not None and count[r] + k > quota:
                 continue
             row = used[r]
             shape = (count[r], tuple(sorted(row))) if quota is not None else None
@@ -1123,9 +1372,11 @@ def _search(cost: np.ndarray, tokens: np.ndarray, num_replicas: int, num_microba
                 u = row[j]
                 if u + t > cap or (shape, u) in seen:
                     continue
-                if u > 0 and (n - i - 1 < empty if quota is None
-                              else quota - count[r] - 1 < empty_in[r]):
-                    continue  # the empty micro-batches could no longer all be filled
+                if quota is None:
+                    if u > 0 and n - i - 1 < empty:
+                        continue  # the empty micro-batches could no longer all be filled
+                elif quota - count[r] - k < empty_in[r] - (u == 0):
+                    continue  # too few samples left for this replica's empty micro-batches
                 seen.add((shape, u))
                 yield r, j
 
@@ -1145,7 +1396,7 @@ def _search(cost: np.ndarray, tokens: np.ndarray, num_replicas: int, num_microba
                 t = size[i - 1]
                 used[r][j] -= t
                 load[r], mb_load[r][j] = before, mb_before
-                count[r] -= 1
+                count[r] -= members[i - 1]
                 free += t
                 if used[r][j] == 0:
                     empty_in[r] += 1
@@ -1160,7 +1411,7 @@ def _search(cost: np.ndarray, tokens: np.ndarray, num_replicas: int, num_microba
         used[r][j] += t
         load[r] += weight[i]
         mb_load[r][j] += weight[i]
-        count[r] += 1
+        count[r] += members[i]
         free -= t
         if i + 1 < n:
             nxt = key(i + 1) if memo else None
@@ -1248,16 +1499,19 @@ def _bins_needed(tokens: np.ndarray, cap: int) -> int:
 
 def _place_for_pipeline(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray,
                         num_replicas: int, num_microbatches: int, cap: int | None,
-                        quota: int | None, pipeline: PipelineSchedule
+                        quota: int | None, pipeline: PipelineSchedule,
+                        sizes: np.ndarray | None = None, names=None,
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(replica, micro-batch, micro-batch costs) by the rule of `PipelineSchedule`."""
+    """(replica, micro-batch, micro-batch costs) of every unit (see `_place_samples`) by the rule
+    of `PipelineSchedule`."""
     best = None
     errors = []
     for m in pipeline.candidates(num_microbatches):
         if m * num_replicas > cost.size:
             continue
         try:
-            replica, mb, mb_costs = _place_samples(cost, tokens, ids, num_replicas, m, cap, quota)
+            replica, mb, mb_costs = _place_samples(cost, tokens, ids, num_replicas, m, cap, quota,
+                                                   sizes, names)
         except ValueError as e:
             errors.append(e)
             continue
@@ -1271,8 +1525,9 @@ def _place_for_pipeline(cost: np.ndarray, tokens: np.ndarray, ids: np.ndarray,
     if best is None:
         if errors:
             raise errors[-1]
+        units = "samples" if sizes is None else "groups of samples"
         raise ValueError(f"PipelineSchedule: no micro-batch count in "
-                         f"{pipeline.candidates(num_microbatches)} fits {cost.size} samples on "
+                         f"{pipeline.candidates(num_microbatches)} fits {cost.size} {units} on "
                          f"{num_replicas} replicas")
     return best[1], best[2], best[3]
 
@@ -1324,40 +1579,43 @@ def plan_loongforge_style(
       ``num_vit_ranks`` ranks, as `plan_global_batch` without splitting.
 
     LoongForge balances each micro-batch only when it is imbalanced by 20% or more; here every
-    one is balanced, which only makes the baseline stronger.
+    one is balanced, which only makes the baseline stronger. Groups (`SampleSpec.group`) move as
+    one sample of their summed cost; the position cut keeps them whole as in `plan_by_position`,
+    with at least ``num_replicas`` units in every global micro-batch.
     """
     for name, value in (("num_replicas", num_replicas), ("num_microbatches", num_microbatches),
                         ("num_vit_ranks", num_vit_ranks), ("frames_per_chunk", frames_per_chunk)):
         if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     n = len(samples)
-    if n < num_replicas * num_microbatches:
-        raise ValueError(f"{n} samples cannot fill num_replicas({num_replicas}) * "
-                         f"num_microbatches({num_microbatches}) micro-batches")
-    header = np.frombuffer(b"".join(map(_HEADER_BYTES, samples)), dtype=_HEADER).reshape(n, 3)
-    by_id = np.argsort(header[:, 0], kind="stable")
-    ids, tokens, media_count = (np.ascontiguousarray(col) for col in header[by_id].T)
-    samples = [samples[i] for i in by_id.tolist()]
+    samples, ids, tokens, media_count, group = _read_samples(samples)
+    groups = _Groups.build(ids, tokens, group)
+    if groups.count < num_replicas * num_microbatches:
+        raise ValueError(f"{n} samples{groups.in_groups()} cannot fill "
+                         f"num_replicas({num_replicas}) * num_microbatches({num_microbatches}) "
+                         f"micro-batches")
     llm_cost = np.asarray(cost_model.llm_cost(tokens), dtype=np.float64)
-    microbatch = _contiguous_split(n, num_microbatches)
-    replica = np.empty(n, dtype=np.int64)
+    cost = groups.sum_cost(llm_cost)
+    unit_mb = _position_split(groups.size, groups.count, num_microbatches, num_replicas)
+    unit_replica = np.empty(groups.count, dtype=np.int64)
     load = [0.0] * num_replicas
     for j in range(num_microbatches):
-        rows = np.flatnonzero(microbatch == j)
-        rows = rows[np.argsort(-llm_cost[rows], kind="stable")]
+        rows = np.flatnonzero(unit_mb == j)
+        rows = rows[np.argsort(-cost[rows], kind="stable")]
         empty = set(range(num_replicas))
         for left, i in zip(range(rows.size, 0, -1), rows.tolist(), strict=True):
             pool = sorted(empty) if left == len(empty) else range(num_replicas)
             r = min(pool, key=lambda q: (load[q], q))
-            replica[i] = r
-            load[r] += float(llm_cost[i])
+            unit_replica[i] = r
+            load[r] += float(cost[i])
             empty.discard(r)
+    replica, microbatch = groups.expand(unit_replica), groups.expand(unit_mb)
     mb_costs = np.zeros((num_replicas, num_microbatches))
     np.add.at(mb_costs, (replica, microbatch), llm_cost)
     chunks = _media_chunks(samples, ids, media_count, frames_per_chunk, cost_model)
     vit_rank, vit_loads = _place_vit(chunks, num_vit_ranks)
-    return _assemble(ids, tokens, llm_cost, replica, microbatch, mb_costs, chunks, vit_rank,
-                     vit_loads, num_replicas, num_microbatches, num_vit_ranks)
+    return _assemble(ids, tokens, group, groups, llm_cost, cost, replica, microbatch, mb_costs,
+                     chunks, vit_rank, vit_loads, num_replicas, num_microbatches, num_vit_ranks)
 
 
 def _pipeline_order(replica: np.ndarray, microbatch: np.ndarray, mb_costs: np.ndarray,

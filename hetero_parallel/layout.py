@@ -40,6 +40,14 @@ class SampleLayout:
     frame_grids: tuple[tuple[tuple[int, int], ...], ...] = ()
     """Per media, per frame: ``(rows, cols)`` of its visual tokens, row-major (one token per
     28-px cell after the 2x2 merge); empty when unknown. Multimodal rotary positions use it."""
+    group: int | None = None
+    """Samples of one group (a preference pair, a rollout group) go to the same LLM replica and
+    micro-batch (the balancer's group constraint)."""
+    media_from: int | None = None
+    """The sample whose media this one shares (the rejected answer of a preference pair shares
+    the prompt's media with the chosen one, in the same group): the ViT encodes them once, for
+    that sample; the routing sends the same visual tokens to this sample's slots too. The frames
+    described here must equal that sample's."""
 
     def __post_init__(self) -> None:
         if len(self.frame_tokens) != len(self.frame_positions):
@@ -75,14 +83,16 @@ class SampleLayout:
     @classmethod
     def unchecked(cls, sample_id: int, seq_len: int, frame_tokens: tuple[tuple[int, ...], ...],
                   frame_positions: tuple[tuple[int, ...], ...],
-                  frame_grids: tuple[tuple[tuple[int, int], ...], ...] = ()) -> SampleLayout:
+                  frame_grids: tuple[tuple[tuple[int, int], ...], ...] = (),
+                  group: int | None = None, media_from: int | None = None) -> SampleLayout:
         """A layout from sizes validated elsewhere, without the per-frame checks (about a
         microsecond per frame, ~0.2 s for a 16K-sample Keye batch): for a columnar manifest,
         which checks its planning columns when it writes them and again when it reads them."""
         layout = object.__new__(cls)
         for name, value in (("sample_id", sample_id), ("seq_len", seq_len),
                             ("frame_tokens", frame_tokens), ("frame_positions", frame_positions),
-                            ("frame_grids", frame_grids)):
+                            ("frame_grids", frame_grids), ("group", group),
+                            ("media_from", media_from)):
             object.__setattr__(layout, name, value)
         return layout
 
@@ -101,9 +111,13 @@ class SampleLayout:
         return np.repeat(starts_a - first, counts_a) + np.arange(int(counts_a.sum()))
 
     def spec(self) -> SampleSpec:
-        """The balancer's view of this sample: text tokens and per-frame visual tokens."""
+        """The balancer's view of this sample: text tokens and per-frame visual tokens (none for
+        a sample that shares another's media: its visual tokens cost the LLM only)."""
+        grouped = {"group": self.group} if self.group is not None else {}
+        if self.media_from is not None:
+            return SampleSpec(self.sample_id, self.seq_len, (), **grouped)
         return SampleSpec(self.sample_id, self.seq_len - self.num_visual_tokens,
-                          tuple(MediaSpec(t) for t in self.frame_tokens))
+                          tuple(MediaSpec(t) for t in self.frame_tokens), **grouped)
 
 
 def padded_length(seq_lens: Sequence[int], multiple: int) -> int:

@@ -73,29 +73,49 @@ class RoutingTable:
         return int(self.slot_microbatch.size)
 
 
-def _frame_rows(chunks, layouts: dict[int, SampleLayout]) -> np.ndarray:
+def _frame_rows(chunks, layouts: dict[int, SampleLayout],
+                twins: dict[int, list[int]]) -> np.ndarray:
     """Per frame (or part of a frame) of ``chunks``, in order: ``[sample id, first position,
-    tokens, ViT rank]``. A chunk covers tokens ``[token_start, token_stop)`` of its frames laid
-    end to end (a piece of a split frame covers part of one frame)."""
+    tokens, ViT rank, first ViT output row]``. A chunk covers tokens ``[token_start,
+    token_stop)`` of its frames laid end to end (a piece of a split frame covers part of one
+    frame). Each row is repeated for the samples that share its sample's media (``twins``),
+    at their own positions, with the same ViT output rows."""
     out = []
+    vit_row = 0
     for ch in chunks:
-        layout = layouts[ch.sample_id]
-        toks = layout.frame_tokens[ch.media_index]
-        poss = layout.frame_positions[ch.media_index]
+        toks = layouts[ch.sample_id].frame_tokens[ch.media_index]
         offset = 0
         for f in range(ch.frame_start, ch.frame_stop):
             lo = max(ch.token_start, offset)
             hi = min(ch.token_stop, offset + toks[f])
             if hi > lo:
-                out.append((ch.sample_id, poss[f] + lo - offset, hi - lo, ch.vit_rank))
+                for s in (ch.sample_id, *twins.get(ch.sample_id, ())):
+                    pos = layouts[s].frame_positions[ch.media_index][f]
+                    out.append((s, pos + lo - offset, hi - lo, ch.vit_rank, vit_row))
+                vit_row += hi - lo
             offset += toks[f]
-    return np.asarray(out, dtype=np.int64).reshape(-1, 4)
+    return np.asarray(out, dtype=np.int64).reshape(-1, 5)
+
+
+def _twins(layouts: dict[int, SampleLayout]) -> dict[int, list[int]]:
+    """Sample id -> the samples that share its media (`SampleLayout.media_from`)."""
+    out: dict[int, list[int]] = {}
+    for s, layout in sorted(layouts.items()):
+        if layout.media_from is not None:
+            src = layouts.get(layout.media_from)
+            if src is None or src.frame_tokens != layout.frame_tokens:
+                raise ValueError(f"sample {s} shares the media of sample {layout.media_from}, "
+                                 "which is not in the batch or has other frames")
+            out.setdefault(layout.media_from, []).append(s)
+    return out
 
 
 @dataclass(frozen=True)
 class _Tokens:
     """Per visual token of a list of frames: where it comes from and where it goes."""
 
+    vit_row: np.ndarray
+    """The row of the source ViT rank's output that holds it."""
     row_position: np.ndarray
     """Position in its micro-batch row (before any CP split): what the slot check reads."""
     vit_rank: np.ndarray
@@ -111,9 +131,11 @@ class _Tokens:
 
 def _tokens(frames: np.ndarray, where: dict[int, tuple[int, int, int]],
             shapes: Sequence[Sequence[MicroBatchShape]], plan: ParallelPlan) -> _Tokens:
-    sample, start, count, vit = frames.T
+    sample, start, count, vit, vit_row0 = frames.T
     first = np.cumsum(count) - count
-    position = np.repeat(start, count) + np.arange(int(count.sum())) - np.repeat(first, count)
+    within = np.arange(int(count.sum())) - np.repeat(first, count)
+    position = np.repeat(start, count) + within
+    vit_row = np.repeat(vit_row0, count) + within
     token_sample = np.repeat(sample, count)
     n = position.size
     replica, mb, row, owner, tp_rank, full, local = (np.zeros(n, np.int64) for _ in range(7))
@@ -127,7 +149,7 @@ def _tokens(frames: np.ndarray, where: dict[int, tuple[int, int, int]],
             chunk = shape.seq_len // plan.cp // plan.tp
             tp_rank[sel] = local[sel] // chunk
             local[sel] %= chunk
-    return _Tokens(full, np.repeat(vit, count), replica, mb, row, owner, tp_rank, local)
+    return _Tokens(vit_row, full, np.repeat(vit, count), replica, mb, row, owner, tp_rank, local)
 
 
 def build_routing(plan: ParallelPlan, batch: BatchPlan, layouts: dict[int, SampleLayout],
@@ -156,6 +178,7 @@ def build_routing(plan: ParallelPlan, batch: BatchPlan, layouts: dict[int, Sampl
     group = plan.routing_ranks()
     group_index = {r: i for i, r in enumerate(group)}
     n_group = len(group)
+    twins = _twins(layouts)
     where: dict[int, tuple[int, int, int]] = {}
     for d in range(plan.dp):
         for j, mb in enumerate(shapes[d]):
@@ -167,9 +190,9 @@ def build_routing(plan: ParallelPlan, batch: BatchPlan, layouts: dict[int, Sampl
     num_local_rows = 0
     vit_index = plan.vit_index(rank)
     if vit_index is not None:
-        t = _tokens(_frame_rows(batch.chunks_for_vit_rank(vit_index), layouts), where, shapes,
-                    plan)
-        num_local_rows = t.row_position.size
+        t = _tokens(_frame_rows(batch.chunks_for_vit_rank(vit_index), layouts, twins), where,
+                    shapes, plan)
+        num_local_rows = int(t.vit_row.max()) + 1 if t.vit_row.size else 0
         order = np.lexsort((t.row_position, t.row, t.microbatch))  # the receivers' slot order
         dst = np.asarray([
             group_index[plan.rank_of(tp=tp, cp=c, dp=d)]
@@ -180,7 +203,7 @@ def build_routing(plan: ParallelPlan, batch: BatchPlan, layouts: dict[int, Sampl
         counts = np.bincount(dst, minlength=n_group)
         bounds = np.concatenate([[0], np.cumsum(counts)])
         for i in range(n_group):
-            rows = by_dst[bounds[i]:bounds[i + 1]]
+            rows = t.vit_row[by_dst[bounds[i]:bounds[i + 1]]]
             if not rows.size:
                 continue
             if sp:
@@ -210,7 +233,7 @@ def build_routing(plan: ParallelPlan, batch: BatchPlan, layouts: dict[int, Sampl
     if c.pp == 0:
         mine = [s for ids in batch.samples_for_replica(c.dp) for s in ids]
         chunks = [ch for s in mine for ch in batch.chunks_for_sample(s)]
-        t = _tokens(_frame_rows(chunks, layouts), where, shapes, plan)
+        t = _tokens(_frame_rows(chunks, layouts, twins), where, shapes, plan)
         keep = np.flatnonzero((t.cp_rank == c.cp) & (t.tp_rank == (c.tp if sp else 0)))
         order = keep[np.lexsort((t.row_position[keep], t.row[keep], t.microbatch[keep]))]
         slot_mb, slot_row, slot_pos = t.microbatch[order], t.row[order], t.slot_position[order]

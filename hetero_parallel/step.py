@@ -13,8 +13,13 @@ Phases, in order, on every rank (each timed):
                      the global number of loss tokens, the same normalisation megatron applies to
                      the LLM with ``calculate_per_token_loss`` (summed over its own DP group).
 
-The loss is the mean token loss over the whole global batch. The optimizer steps (LLM and ViT) are
-the caller's, after this function returns.
+The loss is an `hetero_parallel.objectives.Objective` of per-sample sums on the last stage: by
+default the mean token loss over the whole global batch (pre-training, SFT), or e.g. the MPO loss
+of preference pairs. Every step also returns each sample's summed log-probability of its
+loss-carrying tokens (`StepOutput.sample_logps`), under any TP/PP/CP layout: the building block of
+preference and RL objectives and of reference log-probs. ``forward_only`` runs phases 1-3 without
+gradients (reference log-probs, evaluation). The optimizer steps (LLM and ViT) are the caller's,
+after this function returns.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import nn
 
 from hetero_parallel.groups import ParallelGroups
 from hetero_parallel.layout import MicroBatch, MicroBatchShape, microbatch_on_cp_rank
+from hetero_parallel.objectives import Objective, SampleSums, TokenCrossEntropy
 from hetero_parallel.routing import route
 from hetero_parallel.routing_table import RoutingTable
 from hetero_parallel.step_plan import StepPlan
@@ -45,13 +51,19 @@ class StepOptions:
 @dataclass
 class StepOutput:
     loss: float
-    """Mean token loss over the global batch (the same value on every rank)."""
+    """The objective's loss over the global batch (the same value on every rank)."""
     num_loss_tokens: int
+    """The objective's normaliser over the global batch (loss tokens, or pairs for MPO)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per phase on this rank."""
     llm_forward_s: list[float] = field(default_factory=list)
     """Forward seconds of each micro-batch on this rank's pipeline stage (all its virtual
     chunks), for calibrating the cost model (a stage's backward is about twice its forward)."""
+    sample_logps: dict[int, float] = field(default_factory=dict)
+    """Sample id -> sum of ``log p(token)`` over its loss-carrying tokens, for every sample of
+    the global batch (the same on every rank)."""
+    sample_tokens: dict[int, int] = field(default_factory=dict)
+    """Sample id -> its number of loss-carrying tokens."""
 
 
 class _ForwardClock:
@@ -108,12 +120,41 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def _sample_sums(per_token_loss: torch.Tensor, mb: MicroBatch, shape: MicroBatchShape,
+                 cp: int) -> SampleSums:
+    """Per-sample sums of ``-per_token_loss`` (``log p(label)``) and of the loss mask over this
+    CP rank's tokens: a padded row is one sample; a packed row holds each sample's
+    ``packed_lengths[i] / cp`` local tokens in order (`microbatch_on_cp_rank`)."""
+    mask = mb.loss_mask.to(torch.float32)
+    logp = -(per_token_loss.float() * mask)
+    if not shape.packed:
+        return SampleSums(shape.sample_ids, logp.sum(1), mask.sum(1))
+    local = torch.tensor([n // cp for n in shape.packed_lengths], device=logp.device)
+    segment = torch.repeat_interleave(torch.arange(len(local), device=logp.device), local)
+    n = len(shape.sample_ids)
+    return SampleSums(shape.sample_ids,
+                      logp.new_zeros(n).index_add(0, segment, logp[0]),
+                      mask.new_zeros(n).index_add(0, segment, mask[0]))
+
+
 def _lm_forward_step_with_visual(microbatches: Sequence[MicroBatch],
                                  shapes: Sequence[MicroBatchShape], table: RoutingTable | None,
                                  visual_slots: Sequence[torch.Tensor], device,
                                  clock: _ForwardClock,
-                                 position_ids: Sequence[torch.Tensor] | None) -> Callable:
-    """megatron ``forward_step_func``; the iterator yields micro-batch indices."""
+                                 position_ids: Sequence[torch.Tensor] | None,
+                                 objective: Objective, cp_group, cp: int, cp_rank: int,
+                                 sums_out: dict[int, tuple[torch.Tensor, torch.Tensor]]
+                                 ) -> Callable:
+    """megatron ``forward_step_func``; the iterator yields micro-batch indices. On the last
+    stage the loss is ``objective``'s, and each micro-batch's per-sample sums (detached) go to
+    ``sums_out[j]``."""
+
+    def cp_reduce(t: torch.Tensor) -> torch.Tensor:
+        if cp == 1:
+            return t
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(t, group=cp_group)  # differentiable: its backward all-reduces too
 
     def forward_step(data_iterator, model):
         j = next(data_iterator)
@@ -151,11 +192,12 @@ def _lm_forward_step_with_visual(microbatches: Sequence[MicroBatch],
         clock.stop(j, started)
 
         def loss_func(per_token_loss):
-            mask = mb.loss_mask.to(per_token_loss.dtype)
-            loss_sum = (per_token_loss.float() * mask).sum()
-            num_tokens = mask.sum().to(torch.int)
-            return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach().clone(),
-                                                               num_tokens.float()])}
+            sums = _sample_sums(per_token_loss, mb, shapes[j], cp)
+            sums_out[j] = (sums.logp.detach(), sums.tokens)
+            loss, count = objective.microbatch_loss(sums, cp_reduce, cp, cp_rank)
+            count = count.to(torch.int)
+            return loss, count, {"loss": torch.stack([loss.detach().float().clone(),
+                                                      count.float()])}
 
         return output, loss_func
 
@@ -187,6 +229,8 @@ def hetero_train_step(
     total_loss_tokens: int,
     options: StepOptions = StepOptions(),
     position_ids: Sequence[torch.Tensor] | None = None,
+    objective: Objective | None = None,
+    forward_only: bool = False,
 ) -> StepOutput:
     """Run one step's forward and backward; gradients end up in the ViT and megatron buffers.
 
@@ -201,26 +245,43 @@ def hetero_train_step(
     caller zeroes the gradients (ViT ``.grad``, megatron's grad buffers) before the step. A batch
     without any visual token (text only, or every media sample skipped) is fine: the ViT then gets
     zero gradients.
+
+    ``objective`` (default `TokenCrossEntropy`) turns each micro-batch's per-sample sums into its
+    loss; ``total_loss_tokens`` is the global total of its normaliser (loss tokens, or pairs for
+    MPO), checked against what the LLM counted. ``forward_only`` computes the loss and the
+    per-sample log-probs without any gradient (nothing is written to gradient buffers).
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
     plan, rank = groups.plan, groups.rank
     if step.rank != rank or step.plan != plan:
         raise ValueError(f"the step plan is for rank {step.rank} of {step.plan.describe()}, this "
                          f"is rank {rank} of {plan.describe()}")
-    table = step.table
     config = get_model_config(llm[0])
-    hidden_size = config.hidden_size
     if not config.calculate_per_token_loss or not config.variable_seq_lengths:
         raise ValueError("hetero_train_step needs a TransformerConfig with "
                          "calculate_per_token_loss=True and variable_seq_lengths=True, got "
                          f"{config.calculate_per_token_loss} and {config.variable_seq_lengths}")
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        return _run_step(groups, step, vision, vision_frames, llm, microbatches,
+                         total_loss_tokens, options, position_ids,
+                         objective or TokenCrossEntropy(), forward_only, config.hidden_size)
+
+
+def _run_step(groups: ParallelGroups, step: StepPlan, vision: nn.Module | None,
+              vision_frames: Sequence[torch.Tensor], llm: list[nn.Module],
+              microbatches: Sequence[MicroBatch] | None, total_loss_tokens: int,
+              options: StepOptions, position_ids: Sequence[torch.Tensor] | None,
+              objective: Objective, forward_only: bool, hidden_size: int) -> StepOutput:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    plan, rank, table = groups.plan, groups.rank, step.table
     num_mb = len(table.microbatch_slot_offsets) - 1
     timer = _PhaseTimer()
     in_routing = groups.routing is not None
     device = next(llm[0].parameters()).device
+    train_vit = not forward_only
 
     # 1. ViT forward (with split frames, every ViT rank exchanges keys and values per layer)
     split = None
@@ -238,28 +299,31 @@ def hetero_train_step(
 
     with timer("vit_forward"):
         if vision is not None:
-            with torch.set_grad_enabled(not options.recompute_vit):
+            with torch.set_grad_enabled(train_vit and not options.recompute_vit):
                 vit_out = run_vit()
         else:
             vit_out = torch.zeros(0, hidden_size, device=device)
-        vit_leaf = vit_out.detach().requires_grad_(True)
+        vit_leaf = vit_out.detach().requires_grad_(train_vit)
 
     # 2. route forward
     with timer("route_forward"):
         slots = route(vit_leaf, table, groups.routing) if in_routing else vit_leaf[:0]
         offsets = table.microbatch_slot_offsets.tolist()
         slot_leaves = [
-            slots[offsets[j]:offsets[j + 1]].detach().requires_grad_(True) for j in range(num_mb)
+            slots[offsets[j]:offsets[j + 1]].detach().requires_grad_(train_vit)
+            for j in range(num_mb)
         ]
 
     # 3. LLM pipeline, on this CP rank's share of each micro-batch
     c = plan.coords(rank)
     local = [microbatch_on_cp_rank(mb, shape, plan.cp, c.cp)
              for mb, shape in zip(microbatches or [], step.shapes, strict=False)]
+    sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     with timer("llm"):
         clock = _ForwardClock(num_mb)
-        forward_step = _lm_forward_step_with_visual(local, step.shapes, table, slot_leaves,
-                                                    device, clock, position_ids)
+        forward_step = _lm_forward_step_with_visual(
+            local, step.shapes, table, slot_leaves, device, clock, position_ids, objective,
+            ps.get_context_parallel_group() if plan.cp > 1 else None, plan.cp, c.cp, sums)
         iterators = [iter(range(num_mb)) for _ in llm]
         lengths = [mb.input_ids.shape[1] for mb in local]
         sizes = [mb.input_ids.shape[0] for mb in local]
@@ -270,9 +334,44 @@ def hetero_train_step(
             num_microbatches=num_mb,
             seq_length=max(lengths, default=1),
             micro_batch_size=max(sizes, default=1),
-            forward_only=False,
+            forward_only=forward_only,
         )
 
+    if not forward_only:
+        _backward(groups, vision, slots, slot_leaves, vit_out, vit_leaf, run_vit, options,
+                  total_loss_tokens, timer, in_routing)
+
+    # The loss and the per-sample sums, summed over the last stage's TP-0 ranks of every replica
+    # (each CP rank holds its own share of the tokens), in one all-reduce.
+    ids = step.batch.sample_ids.tolist()
+    index = {s: i for i, s in enumerate(ids)}
+    totals = torch.zeros(2 + 2 * len(ids), dtype=torch.float64, device=device)
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and c.tp == 0:
+        for d in losses:
+            totals[:2] += d["loss"].to(totals)
+        for j, (logp, tokens) in sums.items():
+            at = torch.tensor([2 + 2 * index[s] for s in step.shapes[j].sample_ids],
+                              device=device)
+            totals.index_add_(0, at, logp.to(totals))
+            totals.index_add_(0, at + 1, tokens.to(totals))
+    dist.all_reduce(totals)
+    if int(totals[1].item()) != total_loss_tokens:
+        raise RuntimeError(f"the LLM counted {int(totals[1].item())} loss tokens (the "
+                           f"objective's normaliser), the caller said {total_loss_tokens}")
+    per_sample = totals[2:].view(-1, 2).cpu()
+    return StepOutput(loss=(totals[0] / totals[1]).item(), num_loss_tokens=total_loss_tokens,
+                      timings=timer.timings, llm_forward_s=clock.seconds(),
+                      sample_logps=dict(zip(ids, per_sample[:, 0].tolist(), strict=True)),
+                      sample_tokens=dict(zip(ids, per_sample[:, 1].round().long().tolist(),
+                                             strict=True)))
+
+
+def _backward(groups: ParallelGroups, vision: nn.Module | None, slots: torch.Tensor,
+              slot_leaves: list[torch.Tensor], vit_out: torch.Tensor, vit_leaf: torch.Tensor,
+              run_vit: Callable[[], torch.Tensor], options: StepOptions, total_loss_tokens: int,
+              timer: _PhaseTimer, in_routing: bool) -> None:
+    """Phases 4-6: the visual slots' gradients back to the ViT ranks, the ViT backward, and the
+    ViT gradient reduction."""
     # 4. route backward
     with timer("route_backward"):
         if in_routing:
@@ -304,16 +403,3 @@ def hetero_train_step(
             for p, g in zip(vit_params, torch._utils._unflatten_dense_tensors(flat, vit_params),
                             strict=True):
                 p.grad.copy_(g)
-
-    # The loss, summed over the last stage's TP-0 ranks of every replica (each CP rank holds the
-    # loss of its own share of the tokens).
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and c.tp == 0:
-        for d in losses:
-            totals += d["loss"].to(totals)
-    dist.all_reduce(totals)
-    if int(totals[1].item()) != total_loss_tokens:
-        raise RuntimeError(f"the LLM counted {int(totals[1].item())} loss tokens, the caller "
-                           f"said {total_loss_tokens}")
-    return StepOutput(loss=(totals[0] / totals[1]).item(), num_loss_tokens=total_loss_tokens,
-                      timings=timer.timings, llm_forward_s=clock.seconds())

@@ -84,3 +84,25 @@ def mixed_samples(seed: int, count: int, vocab_size: int) -> list[ToySample]:
         text = int(torch.randint(4, 20, (1,), generator=g))
         samples.append(build_sample(sid, media, text, vocab_size, g))
     return samples
+
+
+def preference_pairs(seed: int, count: int, vocab_size: int) -> list[ToySample]:
+    """``count`` preference pairs: a prompt (`mixed_samples`' media and text, no loss) followed by
+    a chosen answer (sample ``2p``) or a rejected one (sample ``2p + 1``, of another length).
+    The rejected sample shares the chosen one's media (``media_from``); both are in group ``p``."""
+    g = torch.Generator().manual_seed(seed + 7)
+    out = []
+    for p, prompt in enumerate(mixed_samples(seed, count, vocab_size)):
+        prompt_ids = prompt.tokens.tolist()
+        for answer in (0, 1):
+            sid = 2 * p + answer
+            n = int(torch.randint(2, 12, (1,), generator=g))
+            tail = torch.randint(FIRST_TEXT, vocab_size, (n,), generator=g).tolist()
+            base = prompt.layout
+            layout = SampleLayout(sid, len(prompt_ids) + n, base.frame_tokens,
+                                  base.frame_positions, group=p,
+                                  media_from=2 * p if answer else None)
+            out.append(ToySample(sid, torch.tensor(prompt_ids + tail),
+                                 torch.tensor([False] * len(prompt_ids) + [True] * n), layout,
+                                 prompt.frames))
+    return out

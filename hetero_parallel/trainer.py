@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,8 @@ from hetero_parallel.megatron_state import (
     named_global_parameters,
     tp_mesh,
 )
-from hetero_parallel.step import StepOptions, hetero_train_step
+from hetero_parallel.objectives import TokenCrossEntropy, TrainingObjective
+from hetero_parallel.step import StepOptions, StepOutput, hetero_train_step
 from hetero_parallel.step_plan import StepPlan
 
 
@@ -100,12 +101,15 @@ class OptimizerConfig:
 
 class StepInput(Protocol):
     """What one step consumes: the dataloader's `StepData` has exactly these attributes
-    (``position_ids`` may be missing or None: 1D rotary positions)."""
+    (``position_ids`` may be missing or None: 1D rotary positions; ``pairs`` and
+    ``reference_logps`` are read by preference objectives only)."""
 
     plan: StepPlan
     vision_frames: Sequence[torch.Tensor]
     microbatches: Sequence[MicroBatch] | None
     total_loss_tokens: int
+    pairs: Mapping[int, int]
+    reference_logps: Mapping[int, float] | None
 
 
 @dataclass
@@ -123,6 +127,8 @@ class TrainStepResult:
     """Seconds per phase on this rank (the step's phases plus ``optimizer``)."""
     llm_forward_s: list[float] = field(default_factory=list)
     """Forward seconds of each micro-batch on this rank's pipeline stage."""
+    sample_logps: dict[int, float] = field(default_factory=dict)
+    """Sample id -> summed log-prob of its loss-carrying tokens (before the update)."""
 
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -158,11 +164,15 @@ class HeteroTrainer:
             parameters require grad (on every rank alike), and is then wrapped in megatron DDP.
         optim: optimizers, schedule and clipping.
         step_options: options of the heterogeneous step (e.g. ViT recomputation).
+        objective: the loss (default: token cross-entropy; e.g.
+            `hetero_parallel.objectives.MixedPreferenceObjective`); its state is part of the
+            trainer's checkpoint state.
     """
 
     def __init__(self, groups: ParallelGroups, *, vision: nn.Module | None,
                  llm_chunks: Sequence[nn.Module], optim: OptimizerConfig,
-                 step_options: StepOptions | None = None) -> None:
+                 step_options: StepOptions | None = None,
+                 objective: TrainingObjective | None = None) -> None:
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
@@ -179,6 +189,7 @@ class HeteroTrainer:
         self.optim = optim
         self.step_options = step_options or StepOptions()
         self.vision = vision
+        self.objective = objective or TokenCrossEntropy()
         self.step_count = 0
         chunks = list(llm_chunks)
         config = get_model_config(chunks[0])
@@ -232,12 +243,8 @@ class HeteroTrainer:
             self.llm_optimizer.zero_grad()
         if self.vision_optimizer is not None:
             self.vision_optimizer.zero_grad(set_to_none=False)
-        out = hetero_train_step(
-            groups=self.groups, step=data.plan, vision=self.vision,
-            vision_frames=data.vision_frames, llm=self.llm, microbatches=data.microbatches,
-            total_loss_tokens=data.total_loss_tokens, options=self.step_options,
-            position_ids=getattr(data, "position_ids", None),
-        )
+        out = self._run(data, forward_only=False)
+        self.objective.after_step(data, out.sample_logps)
         t0 = time.perf_counter()
         found_inf = self.llm_optimizer.prepare_grads() if self.llm_optimizer is not None \
             else False
@@ -257,9 +264,25 @@ class HeteroTrainer:
         timings["optimizer"] = time.perf_counter() - t0
         result = TrainStepResult(step=self.step_count, loss=out.loss,
                                  num_loss_tokens=out.num_loss_tokens, grad_norm=grad_norm, lr=lr,
-                                 timings=timings, llm_forward_s=out.llm_forward_s)
+                                 timings=timings, llm_forward_s=out.llm_forward_s,
+                                 sample_logps=out.sample_logps)
         self.step_count += 1
         return result
+
+    def evaluate(self, data: StepInput) -> StepOutput:
+        """The objective's loss and every sample's log-prob on ``data`` without any update
+        (forward only; e.g. a validation set, or reference log-probs with a frozen model)."""
+        return self._run(data, forward_only=True)
+
+    def _run(self, data: StepInput, *, forward_only: bool) -> StepOutput:
+        objective, normaliser = self.objective.for_step(data)
+        return hetero_train_step(
+            groups=self.groups, step=data.plan, vision=self.vision,
+            vision_frames=data.vision_frames, llm=self.llm, microbatches=data.microbatches,
+            total_loss_tokens=normaliser, options=self.step_options,
+            position_ids=getattr(data, "position_ids", None), objective=objective,
+            forward_only=forward_only,
+        )
 
     def _param_groups(self) -> list[dict]:
         groups = list(self.llm_optimizer.param_groups) if self.llm_optimizer is not None else []
@@ -342,12 +365,13 @@ class HeteroTrainer:
                 if hasattr(opt, "_copy_main_params_to_model_params"):
                     opt._copy_main_params_to_model_params()
 
-    def state_dict(self) -> dict[str, torch.Tensor | int]:
-        """`checkpoint_tensors` (views: a checkpoint manager loads into them in place) and the
-        optimizer step count."""
-        return {**self.checkpoint_tensors(), "step": self.step_count}
+    def state_dict(self) -> dict[str, Any]:
+        """`checkpoint_tensors` (views: a checkpoint manager loads into them in place), the
+        optimizer step count and the objective's state (JSON)."""
+        return {**self.checkpoint_tensors(), "step": self.step_count,
+                "objective": self.objective.state_dict()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take ``state`` after its tensors were loaded into the views of `state_dict`: copy any
         tensor that is not such a view, then re-derive what depends on them."""
         step = state.get("step")
@@ -365,4 +389,5 @@ class HeteroTrainer:
         if self._optim_tensors is not None:
             self._optim_tensors.load(state)
         self.after_load()
+        self.objective.load_state_dict(state.get("objective") or {})
         self.step_count = step

@@ -4,7 +4,7 @@ videos) with the tiny test models (`tests.tiny_models`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -76,9 +76,47 @@ def standalone_initial_weights(init_seed: int = 0) -> dict:
         teardown(groups)
 
 
+def sample_logps(vision, llm, samples: list[ToySample], mrope: bool = False
+                 ) -> list[torch.Tensor]:
+    """Each sample's summed ``log p`` of its loss-carrying tokens, one sample at a time through
+    the whole model (differentiable)."""
+    out = []
+    for s in samples:
+        visual = vision([f for frames in s.frames for f in frames])
+        ids = s.tokens[None, :]
+        positions = _positions(s.layout, mrope)[..., None, :]
+        emb = llm.embedding(input_ids=ids, position_ids=positions)  # [S, 1, H]
+        slots = torch.from_numpy(s.layout.visual_positions())
+        if slots.numel():
+            emb = emb.index_put((slots, torch.zeros_like(slots)), visual)
+        labels = torch.cat([s.tokens[1:], s.tokens[:1]])[None, :]
+        loss = llm(ids, positions, None, decoder_input=emb, labels=labels)[0]
+        mask = torch.cat([s.is_target[1:], torch.tensor([False])]).float()
+        out.append(-(loss * mask).sum())
+    return out
+
+
+def reference_logps(samples: list[ToySample], init_seed: int = 0) -> tuple[dict, dict]:
+    """(`initial_weights`, sample id -> its log-prob) from the single model, without gradients
+    (collective over the world, like `standalone_initial_weights`)."""
+    groups = initialize(ParallelPlan(world_size=dist.get_world_size()), backend="gloo", seed=1)
+    try:
+        initial = initial_weights(init_seed)
+        vision = TinyVisionEncoder()
+        vision.load_state_dict(initial["vision"])
+        llm = build_gpt(gpt_config())
+        load_full_state([llm], initial["llm"])
+        with torch.no_grad():
+            logps = sample_logps(vision, llm, samples)
+        return initial, {s.sample_id: v.item() for s, v in zip(samples, logps, strict=True)}
+    finally:
+        teardown(groups)
+
+
 def reference(samples: list[ToySample], init_seed: int = 0, lr: float = LR,
-              mrope: bool = False) -> tuple[dict, Result]:
-    """Single model (ViT + projector + TP=1/PP=1 LLM), whole batch, one SGD step, on this rank."""
+              mrope: bool = False, loss_fn=None) -> tuple[dict, Result]:
+    """Single model (ViT + projector + TP=1/PP=1 LLM), whole batch, one SGD step, on this rank.
+    The loss is the mean token loss, or ``loss_fn(per-sample log-probs)``."""
     groups = initialize(ParallelPlan(world_size=dist.get_world_size()), backend="gloo", seed=1)
     try:
         initial = initial_weights(init_seed)
@@ -86,21 +124,11 @@ def reference(samples: list[ToySample], init_seed: int = 0, lr: float = LR,
         vision.load_state_dict(initial["vision"])
         llm = build_gpt(gpt_config(mrope=mrope))
         load_full_state([llm], initial["llm"])
-        total = torch.zeros(())
-        for s in samples:
-            visual = vision([f for frames in s.frames for f in frames])
-            ids = s.tokens[None, :]
-            positions = _positions(s.layout, mrope)[..., None, :]
-            emb = llm.embedding(input_ids=ids, position_ids=positions)  # [S, 1, H]
-            slots = torch.from_numpy(s.layout.visual_positions())
-            if slots.numel():
-                emb = emb.index_put((slots, torch.zeros_like(slots)), visual)
-            labels = torch.cat([s.tokens[1:], s.tokens[:1]])[None, :]
-            loss = llm(ids, positions, None, decoder_input=emb, labels=labels)[0]
-            mask = torch.cat([s.is_target[1:], torch.tensor([False])]).float()
-            total = total + (loss * mask).sum()
-        n = total_loss_tokens(samples)
-        mean = total / n
+        logps = sample_logps(vision, llm, samples, mrope)
+        if loss_fn is None:
+            mean = -torch.stack(logps).sum() / total_loss_tokens(samples)
+        else:
+            mean = loss_fn(logps)
         mean.backward()
         params = [(f"vision.{k}", p) for k, p in vision.named_parameters()]
         params += [(f"llm.{k}", p) for k, p in llm.named_parameters()]
@@ -131,6 +159,8 @@ class ToyStep:
     microbatches: list[MicroBatch] | None
     total_loss_tokens: int
     position_ids: list[torch.Tensor] | None = None
+    pairs: dict[int, int] = field(default_factory=dict)
+    reference_logps: dict[int, float] | None = None
 
 
 def toy_step(plan: ParallelPlan, rank: int, samples: list[ToySample], config: StepConfig,
@@ -159,7 +189,8 @@ def toy_step(plan: ParallelPlan, rank: int, samples: list[ToySample], config: St
 
 
 def build_trainer(groups, initial: dict, optim: OptimizerConfig | None = None,
-                  options: StepOptions | None = None, mrope: bool = False) -> HeteroTrainer:
+                  options: StepOptions | None = None, mrope: bool = False,
+                  objective=None) -> HeteroTrainer:
     """The tiny model on ``groups.plan`` from ``initial`` weights, in a `HeteroTrainer`."""
     plan = groups.plan
     vision = None
@@ -170,18 +201,23 @@ def build_trainer(groups, initial: dict, optim: OptimizerConfig | None = None,
     load_full_state(chunks, initial["llm"])
     return HeteroTrainer(groups, vision=vision, llm_chunks=chunks,
                          optim=optim or OptimizerConfig(optimizer="sgd", lr=LR),
-                         step_options=options)
+                         step_options=options, objective=objective)
 
 
 def hetero_step(plan: ParallelPlan, samples: list[ToySample], initial: dict, config: StepConfig,
-                options: StepOptions | None = None, mrope: bool = False
-                ) -> tuple[Result, dict[str, float]]:
+                options: StepOptions | None = None, mrope: bool = False, objective=None,
+                **step_fields) -> tuple[Result, dict[str, float]]:
     """One SGD step of the heterogeneous placement through `HeteroTrainer`; gathers this rank's
-    view of the gradients and weights (LLM unsharded over TP, ViT if it hosts a replica)."""
+    view of the gradients and weights (LLM unsharded over TP, ViT if it hosts a replica).
+    ``step_fields`` (``pairs``, ``reference_logps``) go to the step's data."""
     groups = initialize(plan, backend="gloo", seed=1)
     try:
-        trainer = build_trainer(groups, initial, options=options, mrope=mrope)
-        out = trainer.step(toy_step(plan, groups.rank, samples, config, mrope))
+        trainer = build_trainer(groups, initial, options=options, mrope=mrope,
+                                objective=objective)
+        data = toy_step(plan, groups.rank, samples, config, mrope)
+        for k, v in step_fields.items():
+            setattr(data, k, v)
+        out = trainer.step(data)
         llm = trainer.llm
         grads = {f"llm.{k}": v for k, v in gather_full_state(llm, grads=True).items()}
         after = {f"llm.{k}": v for k, v in gather_full_state(llm).items()}

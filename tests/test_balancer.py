@@ -46,29 +46,40 @@ def brute_force_makespan(costs: list[float], bins: int) -> float:
 def reference_llm_placement(samples, cost_model, replicas, microbatches, cap, equal):
     """Constrained LPT written as plainly as possible: O(n * replicas * microbatches).
 
-    Returns {replica: sorted list of micro-batches (each a sorted tuple of ids)}, or raises
-    ValueError when some sample fits nowhere.
+    The units it places are the groups (`SampleSpec.group`; a sample without one is a group of
+    its own): cost and tokens summed over the members, which count one each against equal
+    sample counts. Returns {replica: sorted list of micro-batches (each a sorted tuple of ids)},
+    or raises ValueError when some unit fits nowhere.
     """
-    items = sorted(samples, key=lambda s: (-float(cost_model.llm_cost(s.num_tokens)), s.sample_id))
-    n = len(items)
-    quota = n // replicas if equal else None
+    members = {}
+    for s in sorted(samples, key=lambda s: s.sample_id):
+        members.setdefault(("s", s.sample_id) if s.group is None else ("g", s.group), []).append(s)
+    units = []
+    for group in members.values():
+        cost = 0.0
+        for s in group:
+            cost += float(cost_model.llm_cost(s.num_tokens))
+        units.append((cost, group[0].sample_id, sum(s.num_tokens for s in group),
+                      [s.sample_id for s in group]))
+    units.sort(key=lambda u: (-u[0], u[1]))
+    n = len(units)
+    quota = len(samples) // replicas if equal else None
     load = [0.0] * replicas
     mb_load = [[0.0] * microbatches for _ in range(replicas)]
     mb_tokens = [[0] * microbatches for _ in range(replicas)]
     mb_ids = [[[] for _ in range(microbatches)] for _ in range(replicas)]
-    for i, s in enumerate(items):
-        c = float(cost_model.llm_cost(s.num_tokens))
+    for i, (c, _, tokens, ids) in enumerate(units):
         empty = sum(1 for r in range(replicas) for j in range(microbatches) if not mb_ids[r][j])
         forced = n - i == empty
         choice = None
         for r in sorted(range(replicas), key=lambda r: (load[r], r)):
             count = sum(len(x) for x in mb_ids[r])
-            if quota is not None and count >= quota:
+            if quota is not None and count + len(ids) > quota:
                 continue
             if forced and all(mb_ids[r]):
                 continue
             fits = [j for j in range(microbatches)
-                    if cap is None or mb_tokens[r][j] + s.num_tokens <= cap]
+                    if cap is None or mb_tokens[r][j] + tokens <= cap]
             if fits:
                 choice = (r, min(fits, key=lambda j: (bool(mb_ids[r][j]), mb_load[r][j], j)))
                 break
@@ -77,8 +88,8 @@ def reference_llm_placement(samples, cost_model, replicas, microbatches, cap, eq
         r, j = choice
         load[r] += c
         mb_load[r][j] += c
-        mb_tokens[r][j] += s.num_tokens
-        mb_ids[r][j].append(s.sample_id)
+        mb_tokens[r][j] += tokens
+        mb_ids[r][j].extend(ids)
     return {r: sorted(tuple(sorted(x)) for x in mb_ids[r]) for r in range(replicas)}
 
 

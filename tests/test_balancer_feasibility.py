@@ -22,23 +22,26 @@ SIMPLE = CostModel(vit_linear=1.0, vit_quadratic=0.0, llm_linear=1.0, llm_quadra
 FLOPS = CostModel.from_model_shapes(flops_per_second=4e14)
 
 
-def brute_force_fits(tokens: list[int], replicas: int, microbatches: int, cap: int,
-                     equal: bool) -> bool:
-    """Whether any assignment of the samples to replicas x micro-batches meets every
-    constraint (all assignments at once, as numpy rows)."""
+def brute_force_fits(tokens: list[int], replicas: int, microbatches: int, cap: int | None,
+                     equal: bool, sizes: list[int] | None = None) -> bool:
+    """Whether any assignment of the units (samples, or groups of ``sizes`` samples with
+    ``tokens`` in all) to replicas x micro-batches meets every constraint (all assignments at
+    once, as numpy rows)."""
     bins = replicas * microbatches
     rows = _assignments(bins, len(tokens))
     t = np.asarray(tokens, dtype=np.int64)
+    k = np.ones(len(tokens), dtype=np.int64) if sizes is None else np.asarray(sizes)
     ok = np.ones(len(rows), dtype=bool)
     count = np.empty((len(rows), bins), dtype=np.int64)
     for b in range(bins):
         here = rows == b
-        ok &= here @ t <= cap
-        count[:, b] = here.sum(axis=1)
-    ok &= (count >= 1).all(axis=1)
+        if cap is not None:
+            ok &= here @ t <= cap
+        ok &= here.any(axis=1)
+        count[:, b] = here @ k
     if equal:
         per_replica = count.reshape(-1, replicas, microbatches).sum(axis=2)
-        ok &= (per_replica == len(tokens) // replicas).all(axis=1)
+        ok &= (per_replica == int(k.sum()) // replicas).all(axis=1)
     return bool(ok.any())
 
 
@@ -48,17 +51,26 @@ def _assignments(bins: int, n: int) -> np.ndarray:
 
 
 def check_plan(plan, samples, replicas, microbatches, cap, equal) -> None:
-    """Every constraint of a plan, from its public views."""
+    """Every constraint of a plan, from its public views: each micro-batch non-empty and under
+    the cap, equal counts when asked, every sample placed once, the samples of a group in one
+    micro-batch."""
     tokens = {s.sample_id: s.num_tokens for s in samples}
     placed = []
+    where = {}
     for r in range(replicas):
         mbs = plan.samples_for_replica(r)
         assert len(mbs) == microbatches and all(mbs), "every micro-batch gets a sample"
-        assert all(sum(tokens[i] for i in mb) <= cap for mb in mbs), "token cap"
+        assert cap is None or all(sum(tokens[i] for i in mb) <= cap for mb in mbs), "token cap"
         if equal:
             assert sum(map(len, mbs)) == len(samples) // replicas
         placed += [i for mb in mbs for i in mb]
+        where.update({i: (r, j) for j, mb in enumerate(mbs) for i in mb})
     assert sorted(placed) == sorted(tokens)
+    for s in samples:
+        assert plan.placement(s.sample_id) == where[s.sample_id]
+        if s.group is not None:
+            assert all(where[o.sample_id] == where[s.sample_id] for o in samples
+                       if o.group == s.group), f"group {s.group} split"
 
 
 def test_the_issue_example_is_placed():

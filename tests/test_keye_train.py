@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,10 +91,21 @@ def _run(cmd: list[str], *, kill_after_step: int | None = None, timeout: float =
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT, env=env, start_new_session=True)
-    lines = []
+    lines: list[str] = []
     deadline = time.monotonic() + timeout
+    # A reader thread, so that a run that hangs without printing still meets the deadline.
+    out: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=lambda: [*map(out.put, proc.stdout), out.put(None)],
+                     daemon=True).start()
     try:
-        for line in proc.stdout:
+        while True:
+            try:
+                line = out.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError("training run did not finish in time:\n"
+                                   + "".join(lines[-40:])) from None
+            if line is None:
+                break
             lines.append(line)
             if kill_after_step is not None and f" step {kill_after_step} loss" in line:
                 spared = set(on_kill()) if on_kill is not None else set()
@@ -103,11 +116,12 @@ def _run(cmd: list[str], *, kill_after_step: int | None = None, timeout: float =
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 break
-            if time.monotonic() > deadline:
-                raise TimeoutError("training run did not finish:\n" + "".join(lines[-40:]))
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
+            for pid in _descendants(proc.pid):  # the ranks run in sessions of their own
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     if kill_after_step is None and proc.returncode != 0:

@@ -1,10 +1,22 @@
-"""Model sizes and the four Keye-VL-1.5 pre-training stages as configs.
+"""Model sizes, the four Keye-VL-1.5 pre-training stages and the post-training stages as configs.
 
 - stage 1 (alignment): only the projector trains; ViT and LLM are frozen.
 - stage 2 (multi-task pre-training): everything trains, 8K context.
 - stage 3 (annealing): long context, RoPE base 1e6 -> 8e6, context + pipeline parallelism,
   token mix video:image:text = 24:50:26.
 - stage 4 (model fusion): no training; ``merge.py`` averages an expert checkpoint into the base.
+
+Post-training (after stage 4's fused model):
+
+- ``sft``: supervised fine-tuning on multi-turn chat data with images and videos, the loss on
+  assistant turns only, samples packed under a token budget per micro-batch;
+- ``mpo``: mixed preference optimisation on (prompt, chosen, rejected) records
+  (`hetero_parallel.objectives.MixedPreferenceObjective`, the published 0.8 / 0.2 / 1.0 weights),
+  against reference log-probs precomputed once from the SFT model
+  (``train.py --stage mpo --reference-pass``, `dataloader.reference_logps`).
+
+The paper gives no post-training learning rates; the ones here are common choices for full
+fine-tuning (SFT) and DPO-style training (MPO) of 8B models, meant to be overridden (``--lr``).
 
 Every trained stage starts from the previous stage's checkpoint (``init_from``); stage 1 starts
 from SigLIP + Qwen3 and fine-tuning from the released model, both converted by
@@ -15,6 +27,7 @@ from SigLIP + Qwen3 and fine-tuning from the released model, both converted by
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -47,7 +60,8 @@ class StageConfig:
     """One pre-training stage. Parallel sizes are for the 8B model on a cluster; the CPU demo
     overrides them from the command line."""
 
-    stage: int
+    stage: int | str
+    """1-3 (pre-training) or "sft" / "mpo" (post-training)."""
     name: str
     trainable: frozenset[str]
     """Which of ``COMPONENTS`` receive gradients."""
@@ -59,14 +73,25 @@ class StageConfig:
     pp: int = 1
     cp: int = 1
     lr: float = 1e-4
-    init_from: int | None = None
+    min_lr_ratio: float = 0.1
+    """The learning rate decays (cosine) to ``lr * min_lr_ratio`` by the last step."""
+    warmup_ratio: float = 0.0
+    """Linear warm-up over this fraction of the steps."""
+    init_from: int | str | None = None
     """The stage whose checkpoint this one starts from."""
+    token_budget: int | None = None
+    """Packing budget: at most this many tokens per micro-batch (None: no cap)."""
+    objective: Literal["token", "mpo"] = "token"
+    """Token cross-entropy, or MPO on preference pairs (the loader's preference mode)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.trainable) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"stage {self.stage}: unknown components {sorted(unknown)}; "
                              f"expected a subset of {COMPONENTS}")
+        if self.objective not in ("token", "mpo"):
+            raise ValueError(f"stage {self.stage}: objective must be 'token' or 'mpo', got "
+                             f"{self.objective!r}")
 
 
 STAGES = {
@@ -77,6 +102,12 @@ STAGES = {
     3: StageConfig(stage=3, name="anneal", trainable=frozenset(COMPONENTS), seq_len=131_072,
                    rotary_base=8e6, mixture={"video": 24.0, "image": 50.0, "text": 26.0},
                    tp=4, pp=4, cp=8, lr=2e-5, init_from=2),
+    "sft": StageConfig(stage="sft", name="sft", trainable=frozenset(COMPONENTS), seq_len=32_768,
+                       rotary_base=8e6, tp=2, pp=2, lr=1e-5, warmup_ratio=0.03, init_from=3,
+                       token_budget=32_768),
+    "mpo": StageConfig(stage="mpo", name="mpo", trainable=frozenset(COMPONENTS), seq_len=32_768,
+                       rotary_base=8e6, tp=2, pp=2, lr=1e-6, warmup_ratio=0.05, init_from="sft",
+                       token_budget=32_768, objective="mpo"),
 }
 """Stage 4 (fusion) is ``merge.py``, not a training run."""
 

@@ -18,13 +18,18 @@ that dies are each reported as a `BadFile` (with the records left out) and the r
 (`Prober`) and hands the records, in item order, to a sink (e.g. `ColumnarWriter.add`), so memory
 stays bounded whatever the number of items. ``python -m dataloader index`` drives it.
 
-**Probing processes that die.** Local probing runs in a ``ProcessPoolExecutor`` (fork) with at most
+**Probing processes that die.** Local probing runs in a ``ProcessPoolExecutor`` with at most
 ``workers`` files in flight, so that when a worker is killed (SIGKILL, the OOM killer, a crash in
 a decoder) the suspects are only the files then in flight. The broken pool is replaced by a fresh
 one, and each suspect is probed again *alone* in its own process (so the exit status names the
 signal, and one bad file cannot take the others down again); a file whose lone process dies too is
 reported as ``WorkerDied``. A pool for the common case (no process start per file) plus per-file
-isolation only for suspects keeps both the speed and an exact verdict.
+isolation only for suspects keeps both the speed and an exact verdict. The processes are spawned,
+not forked, and run one torch thread each: a child forked from a process whose OpenMP pool has
+run (any caller that used torch) can block forever in its first parallel region (the resize of a
+thumbnail), which is a hang, not a verdict. As with any spawning library, a script that indexes
+with ``workers > 1`` keeps its top-level code under ``if __name__ == "__main__":``. An error or an
+interrupt (Ctrl-C, a test's timeout) kills the probing processes rather than waiting for them.
 """
 
 from __future__ import annotations
@@ -236,8 +241,19 @@ def _probe_remote(addresses: tuple[str, ...], path: str, preset: str | None) -> 
         return "error", (type(exc).__name__, getattr(exc, "reason", str(exc)))
 
 
+_PROCESS_CONTEXT = "spawn"
+"""How probing processes start (module docstring: why not fork)."""
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # ``workers`` processes share the cores
+
+
 def _alone(conn: Any, fn: Callable[[str, str | None], Any], path: str,
            preset: str | None) -> None:
+    _init_worker()
     conn.send(fn(path, preset))
     conn.close()
 
@@ -285,7 +301,8 @@ class Prober:
         if self._pool is None:
             if self.processes:
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    self.workers, mp_context=mp.get_context("fork"))
+                    self.workers, mp_context=mp.get_context(_PROCESS_CONTEXT),
+                    initializer=_init_worker)
             else:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     self.workers if self.servers else 1)
@@ -346,7 +363,7 @@ class Prober:
         self._pool = None
 
     def _probe_alone(self, path: str) -> tuple[str, Any]:
-        ctx = mp.get_context("fork")
+        ctx = mp.get_context(_PROCESS_CONTEXT)
         recv, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_alone, args=(send, self.fn, path, self.preset), daemon=True)
         proc.start()
@@ -363,10 +380,28 @@ class Prober:
                              "probing this file, twice (the second time alone)")
         return result
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def close(self, *, kill: bool = False) -> None:
+        """Release the pool: wait for its processes, or (``kill``: on an error or an interrupt,
+        when a probe may never return) kill them first."""
+        if self._pool is None:
+            return
+        if kill and self.processes:
+            # ProcessPoolExecutor has no public way to stop a worker stuck in a probe (3.14's
+            # kill_workers aside), and shutdown would wait for it forever.
+            kill_workers = getattr(self._pool, "kill_workers", None)
+            if kill_workers is not None:
+                kill_workers()
+            else:
+                for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
+                    proc.kill()
+        self._pool.shutdown(wait=not kill, cancel_futures=True)
+        self._pool = None
+
+    def __enter__(self) -> Prober:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(kill=exc_type is not None)
 
 
 # --- indexing ------------------------------------------------------------------------------------
@@ -446,13 +481,10 @@ def index_items(items: Iterable[IndexItem | BadFile], *, workers: int = 1,
     sets, in memory; `stream_index` streams)."""
     records: list[Record] = []
     bad: list[BadFile] = []
-    prober = Prober(workers=workers, servers=servers, preset=preset, probe=probe,
-                    isolate=isolate)
-    try:
+    with Prober(workers=workers, servers=servers, preset=preset, probe=probe,
+                isolate=isolate) as prober:
         stream_index(items, records.append, bad.append, prober=prober, progress=progress,
                      relative_to=relative_to)
-    finally:
-        prober.close()
     return records, sorted(bad, key=lambda b: b.path)
 
 
@@ -553,6 +585,7 @@ def index_manifest(source: str | os.PathLike[str], out: str | os.PathLike[str], 
         elif writer is not None:
             writer.abort()
     except BaseException:
+        prober.close(kill=True)
         if writer is not None:
             writer.abort()
         raise

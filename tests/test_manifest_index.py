@@ -3,6 +3,7 @@ probing process are each reported, and everything else is indexed (issue 14 item
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -114,3 +115,44 @@ def test_repeated_ids_of_a_list_file_are_refused_before_probing(tmp_path):
                                             r"and .*list\.txt:11"):
         refuse_repeated_ids(lst, None, str(tmp_path / "ids.tmp"))
     assert not (tmp_path / "ids.tmp").exists()
+
+
+def _probe_blocks(path: str, preset: str | None):
+    """A probe that never returns (a decoder stuck on a file)."""
+    import time
+
+    time.sleep(3600)
+
+
+@pytest.mark.slow
+def test_an_interrupted_index_kills_its_probing_processes_instead_of_waiting(media):
+    """Ctrl-C (here SIGALRM) while probes are stuck: the error surfaces at once and no probing
+    process is left behind (waiting for them would hang forever)."""
+    script = (
+        "import signal\n"
+        "from dataloader.index import collect_items, index_items\n"
+        "from tests.test_manifest_index import _probe_blocks\n"
+        "def stop(*_):\n"
+        "    raise KeyboardInterrupt\n"
+        "signal.signal(signal.SIGALRM, stop)\n"
+        "signal.alarm(8)\n"
+        "try:\n"
+        f"    index_items(collect_items({str(media)!r}), workers=2, probe=_probe_blocks,\n"
+        "                progress=False)\n"
+        "except KeyboardInterrupt:\n"
+        "    import multiprocessing as mp, time\n"
+        "    deadline = time.monotonic() + 10\n"
+        "    while mp.active_children() and time.monotonic() < deadline:\n"
+        "        time.sleep(0.1)\n"
+        "    print('interrupted', len(mp.active_children()), flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the probing processes too, if it hung
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert out.split() == ["interrupted", "0"], (out, err)

@@ -33,15 +33,23 @@ demo-megatron: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Pure tests only (no processes, servers or process groups): under a minute.
+# Pure tests only (no processes, servers or process groups; tests/conftest.py marks those `slow`):
+# under a minute. With pytest-xdist installed it runs on FAST_WORKERS processes, a whole test
+# module per worker so that module fixtures are built once; without it, in one process.
+FAST_WORKERS ?= 2
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" \
+		$$($(PY) -c "import xdist" 2>/dev/null && printf '%s' "-n $(FAST_WORKERS) --dist loadfile")
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# Every benchmark, as a module (they import `benchmarks._ranks`), in its quick form; the full
+# runs: `make bench BENCH_ARGS=`.
+BENCH_ARGS ?= --quick
 bench: $(STAMP)
-	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	@for f in benchmarks/bench_*.py; do m=$$(basename $$f .py); echo "== benchmarks.$$m $(BENCH_ARGS)"; \
+		$(PY) -m benchmarks.$$m $(BENCH_ARGS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -412,10 +412,17 @@ class IOClient:
             server = self._pick(tried | busy_now)
             if failures and server.address in tried:  # every server failed once: back off
                 time.sleep(min(_BACKOFF_S * 2**failures, 1.0, remaining))
+            timeout = min(self.deadline_s, max(end - time.monotonic(), 1e-3))
             try:
-                result = attempt(server, min(self.deadline_s, max(end - time.monotonic(), 1e-3)))
+                result = attempt(server, timeout)
             except grpc.RpcError as exc:
                 code = exc.code()
+                if (code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout < self.deadline_s
+                        and time.monotonic() >= end):
+                    # The call's total budget cut this attempt short, not a server fault: the
+                    # server is not marked failed and the loop reports the total deadline.
+                    self._done(server, failed=False)
+                    continue
                 if code == BUSY:
                     self._done(server, failed=False)
                     busy += 1

@@ -311,3 +311,39 @@ def test_yuv_transport_gives_the_servers_rgb_with_half_the_bytes(servers, media)
         client.decode(path)
     with pytest.raises(ValueError, match="resize='fast'"):
         IOClient([address], resize="exact", pixel_format="yuv420p")
+
+
+@pytest.mark.slow
+def test_an_attempt_cut_by_the_total_deadline_is_not_a_server_failure():
+    """A server that does not answer within the call's whole budget: the call ends with the
+    total-deadline error, and the attempt the budget cut short is not counted as a failure of the
+    server (its per-attempt deadline, 5 s, never ran out)."""
+    from concurrent import futures
+
+    import grpc
+
+    from io_server.proto import io_server_pb2_grpc as pb2_grpc
+
+    release = threading.Event()
+
+    class Silent(pb2_grpc.IOServerServicer):
+        def Decode(self, request, context):
+            release.wait(10)
+            return iter(())
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb2_grpc.add_IOServerServicer_to_server(Silent(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        client = IOClient([f"127.0.0.1:{port}"], deadline_s=5, total_deadline_s=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(IOServerError, match=r"total deadline of 0\.5 s: 0 busy refusals "
+                                                r"\(RESOURCE_EXHAUSTED\), 0 failed attempts"):
+            client.decode("/any/clip.mp4")
+        assert time.monotonic() - t0 < 3.0
+        assert client.counters.failed_attempts == 0
+        client.close()
+    finally:
+        release.set()
+        server.stop(grace=None)

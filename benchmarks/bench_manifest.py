@@ -42,13 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from dataloader.columnar import _ranges  # noqa: E402
-from dataloader.columnar_writer import ColumnarWriter  # noqa: E402
-from dataloader.index import PROMPTS  # noqa: E402
+from dataloader.columnar import _ranges
+from dataloader.columnar_writer import ColumnarWriter
+from dataloader.index import PROMPTS
 
 BATCH = 16384
 CHUNK = 1 << 18
@@ -141,7 +137,7 @@ def generate_chunk(rng: np.random.Generator, start: int, n: int) -> dict[str, np
     h = np.where(vid, rng.integers(6, 28, m), rng.integers(2, 144, m))
     wmax = np.where(vid, np.minimum(28, 768 // h), np.minimum(143, 20480 // h))
     w = rng.integers(1, wmax + 1)
-    w = np.maximum(w, np.where(vid, 2, 2))
+    w = np.maximum(w, 2)
     w = np.minimum(w, wmax)
     f_total = int(frames.sum())
     index_in_media = np.arange(f_total) - np.repeat(np.cumsum(frames) - frames, frames)

@@ -99,11 +99,12 @@ def _convert(args: argparse.Namespace) -> int:
         return 0
     media_root = os.path.abspath(args.media_root) if args.media_root else \
         os.path.dirname(os.path.abspath(src))
+    limits = _limits(args)
     if src.endswith((".parquet", ".pq")):
-        rows: Any = ((None, r) for r in read_parquet(src, _limits(args)))
+        rows: Any = ((None, r) for r in read_parquet(src, limits))
     else:
-        rows = iter_jsonl(src, _limits(args))
-    with ColumnarWriter(out, tokenizer=_tokenizer(args.tokenizer), limits=_limits(args),
+        rows = iter_jsonl(src, limits)
+    with ColumnarWriter(out, tokenizer=_tokenizer(args.tokenizer), limits=limits,
                         media_root=media_root, source=src) as w:
         for line, record in tqdm(rows, unit="rec", desc="converting", disable=args.no_progress):
             w.add(record, line)

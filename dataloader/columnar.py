@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dataloader.manifest import KINDS, ROLES, MediaRef, Record, Turn, resolve_path
+from dataloader.manifest import KINDS, ROLES, MediaRef, Record, Turn, check_row, resolve_path
 from dataloader.validate import TOKEN_SIDE, Limits, ManifestError
 
 if TYPE_CHECKING:
@@ -427,6 +427,12 @@ class PlanningColumns:
     """int64 ``[sum(frame_counts)]``: token columns of each frame (width / 28)."""
 
 
+def _first_outside(values: np.ndarray, lo: int, hi: int) -> int | None:
+    """Index of the first value outside ``[lo, hi]``, or None."""
+    bad = np.flatnonzero((values < lo) | (values > hi))
+    return int(bad[0]) if bad.size else None
+
+
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(s, s + c)`` for each pair (vectorised)."""
     total = int(counts.sum())
@@ -570,8 +576,7 @@ class ColumnarManifest:
         m0 = np.asarray(c["media.offsets"][rows], dtype=np.int64)
         m1 = np.asarray(c["media.offsets"][rows + 1], dtype=np.int64)
         counts = m1 - m0
-        if (counts < 0).any() or (counts > self.limits.max_media).any():
-            i = int(np.flatnonzero((counts < 0) | (counts > self.limits.max_media))[0])
+        if (i := _first_outside(counts, 0, self.limits.max_media)) is not None:
             raise ManifestError(f"{self._where('media.offsets')}: row {int(rows[i])} has "
                                 f"{int(counts[i])} media items (allowed 0.."
                                 f"{self.limits.max_media}): the file is damaged")
@@ -579,9 +584,7 @@ class ColumnarManifest:
         f0 = np.asarray(c["media.frame_offsets"][media], dtype=np.int64)
         f1 = np.asarray(c["media.frame_offsets"][media + 1], dtype=np.int64)
         frames = f1 - f0
-        bad = (frames < 1) | (frames > self.limits.max_frames)
-        if bad.any():
-            j = int(np.flatnonzero(bad)[0])
+        if (j := _first_outside(frames, 1, self.limits.max_frames)) is not None:
             raise ManifestError(f"{self._where('media.frame_offsets')}: media {int(media[j])} has "
                                 f"{int(frames[j])} frames (allowed 1..{self.limits.max_frames}): "
                                 "the file is damaged")
@@ -594,9 +597,7 @@ class ColumnarManifest:
         check_frame_columns(where, np.asarray(c["media.kind"][media]),
                             np.concatenate([[0], np.cumsum(frames)]), h, w, self.limits,
                             media_ids=media)
-        bad = (seq < 1) | (seq > self.limits.max_seq_len)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
+        if (i := _first_outside(seq, 1, self.limits.max_seq_len)) is not None:
             raise ManifestError(f"{self._where('plan.seq_len')}: row {int(rows[i])} has seq_len "
                                 f"{int(seq[i])} (allowed 1..{self.limits.max_seq_len}): the file "
                                 "is damaged")
@@ -714,10 +715,7 @@ class ColumnarManifest:
                       self._media(row, resolve))
 
     def _row(self, row: Any) -> int:
-        if isinstance(row, bool) or not isinstance(row, int | np.integer) \
-                or not 0 <= row < len(self):
-            raise IndexError(f"row {row!r} is outside [0, {len(self)})")
-        return int(row)
+        return check_row(row, len(self))
 
     def record_id(self, row: int) -> str:
         """The id of ``row`` (reads only the id columns)."""

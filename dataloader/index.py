@@ -224,21 +224,20 @@ def _client(addresses: tuple[str, ...] | None):
     return _CLIENTS[key]
 
 
-def probe_local(path: str, preset: str | None) -> tuple[str, Any]:
-    """Probe in this process: ("ok", media dict) or ("error", (type, reason))."""
+def _probe(addresses: tuple[str, ...] | None, path: str,
+           preset: str | None) -> tuple[str, Any]:
+    """Probe through ``addresses`` (None: in this process): ("ok", media dict) or ("error",
+    (type, reason))."""
     try:
-        plan = _client(None).probe(path, preset)
+        plan = _client(addresses).probe(path, preset)
         return "ok", MediaRef.from_plan(plan, path).to_dict()
     except Exception as exc:  # noqa: BLE001 - reported per file, never stops the run
         return "error", (type(exc).__name__, getattr(exc, "reason", str(exc)))
 
 
-def _probe_remote(addresses: tuple[str, ...], path: str, preset: str | None) -> tuple[str, Any]:
-    try:
-        plan = _client(addresses).probe(path, preset)
-        return "ok", MediaRef.from_plan(plan, path).to_dict()
-    except Exception as exc:  # noqa: BLE001
-        return "error", (type(exc).__name__, getattr(exc, "reason", str(exc)))
+def probe_local(path: str, preset: str | None) -> tuple[str, Any]:
+    """Probe in this process: ("ok", media dict) or ("error", (type, reason))."""
+    return _probe(None, path, preset)
 
 
 _PROCESS_CONTEXT = "spawn"
@@ -310,7 +309,7 @@ class Prober:
 
     def _submit(self, path: str) -> concurrent.futures.Future:
         if self.servers:
-            return self._executor().submit(_probe_remote, self.servers, path, self.preset)
+            return self._executor().submit(_probe, self.servers, path, self.preset)
         return self._executor().submit(self.fn, path, self.preset)
 
     def probe(self, paths: Iterable[str], on_done: Callable[[], None] | None = None
@@ -563,33 +562,31 @@ def index_manifest(source: str | os.PathLike[str], out: str | os.PathLike[str], 
                                                media_root=root)
     bad = 0
     digest = None
-    try:
-        with open(f"{report}.tmp", "w", encoding="utf-8") as rep:
-            def on_bad(b: BadFile) -> None:
-                nonlocal bad
-                bad += 1
-                rep.write(json.dumps(b.to_dict(), sort_keys=True) + "\n")
-                rep.flush()
+    with prober:  # on an error or an interrupt, kills the probing processes (`Prober.close`)
+        try:
+            with open(f"{report}.tmp", "w", encoding="utf-8") as rep:
+                def on_bad(b: BadFile) -> None:
+                    nonlocal bad
+                    bad += 1
+                    rep.write(json.dumps(b.to_dict(), sort_keys=True) + "\n")
+                    rep.flush()
 
-            stats = stream_index(iter_items(source, dataset),
-                                 writer.add if writer is not None else records.append, on_bad,
-                                 prober=prober, relative_to=root, progress=progress,
-                                 window=window)
-        os.replace(f"{report}.tmp", report)
-        if stats.records and writer is not None:
-            digest = writer.close().hash
-        elif stats.records:
-            manifest = Manifest(tuple(records), base=root, limits=limits)
-            write_jsonl(manifest.records, out)
-            digest = manifest.hash
-        elif writer is not None:
-            writer.abort()
-    except BaseException:
-        prober.close(kill=True)
-        if writer is not None:
-            writer.abort()
-        raise
-    finally:
-        prober.close()
+                stats = stream_index(iter_items(source, dataset),
+                                     writer.add if writer is not None else records.append,
+                                     on_bad, prober=prober, relative_to=root, progress=progress,
+                                     window=window)
+            os.replace(f"{report}.tmp", report)
+            if stats.records and writer is not None:
+                digest = writer.close().hash
+            elif stats.records:
+                manifest = Manifest(tuple(records), base=root, limits=limits)
+                write_jsonl(manifest.records, out)
+                digest = manifest.hash
+            elif writer is not None:
+                writer.abort()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
     return IndexResult(out=out, report=report, items=stats.items, records=stats.records, bad=bad,
                        hash=digest, seconds=time.perf_counter() - t0, probe=stats.probe)

@@ -279,6 +279,14 @@ class Record:
                           ensure_ascii=False)
 
 
+def check_row(row: Any, n: int) -> int:
+    """``row`` as an ``int`` in ``[0, n)`` (the row argument of both manifests' interface), else
+    an `IndexError`; a bool is not a row."""
+    if isinstance(row, bool) or not isinstance(row, int | np.integer) or not 0 <= row < n:
+        raise IndexError(f"row {row!r} is outside [0, {n})")
+    return int(row)
+
+
 def resolve_path(path: str, base: str | None) -> str:
     """``path`` joined to ``base`` and normalised (absolute paths and ``base=None`` leave it as
     it is)."""
@@ -349,10 +357,7 @@ class Manifest:
         return content_hash(self.records)
 
     def _row(self, row: int) -> int:
-        if isinstance(row, bool) or not isinstance(row, int | np.integer) \
-                or not 0 <= row < len(self.records):
-            raise IndexError(f"row {row!r} is outside [0, {len(self.records)})")
-        return int(row)
+        return check_row(row, len(self.records))
 
     def record_id(self, row: int) -> str:
         return self.records[self._row(row)].id

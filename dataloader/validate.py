@@ -87,11 +87,21 @@ def json_type(v: object) -> str:
     return names.get(type(v), type(v).__name__)
 
 
-def _first_bad(values: tuple, ok: type | tuple[type, ...]) -> int | None:
-    for i, x in enumerate(values):
-        if type(x) not in (ok if isinstance(ok, tuple) else (ok,)):
-            return i
-    return None
+def _is_int(x: object) -> bool:
+    return not isinstance(x, bool | np.bool_) and isinstance(x, int | np.integer)
+
+
+def _is_number(x: object) -> bool:
+    return not isinstance(x, bool | np.bool_) and isinstance(x, int | float | np.integer
+                                                             | np.floating)
+
+
+_FRAME_TYPES = {
+    "int": (int, _is_int, "an integer"),
+    "bool": (bool, lambda x: isinstance(x, bool | np.bool_), "a boolean (true / false)"),
+    "float": (float, _is_number, "a number"),
+}
+"""kind -> (the exact Python type, what else is accepted and converted, its name)."""
 
 
 def normalise_frames(name: str, field: str, values: object, kind: str) -> tuple:
@@ -101,36 +111,14 @@ def normalise_frames(name: str, field: str, values: object, kind: str) -> tuple:
         raise ManifestError(f"{name}: {field} must be an array, got {json_type(values)} "
                             f"{values!r:.60}")
     values = tuple(values)
-    if kind == "int":
-        if _first_bad(values, int) is None:
-            return values
-        out = []
-        for i, x in enumerate(values):
-            if isinstance(x, bool | np.bool_) or not isinstance(x, int | np.integer):
-                raise ManifestError(f"{name}: {field}[{i}] = {x!r:.60} ({json_type(x)}) "
-                                    "is not an integer")
-            out.append(int(x))
-        return tuple(out)
-    if kind == "bool":
-        if _first_bad(values, bool) is None:
-            return values
-        out = []
-        for i, x in enumerate(values):
-            if not isinstance(x, bool | np.bool_):
-                raise ManifestError(f"{name}: {field}[{i}] = {x!r:.60} ({json_type(x)}) "
-                                    "is not a boolean (true / false)")
-            out.append(bool(x))
-        return tuple(out)
-    if _first_bad(values, float) is None:
+    exact, accepted, what = _FRAME_TYPES[kind]
+    if all(type(x) is exact for x in values):
         return values
-    out = []
     for i, x in enumerate(values):
-        if isinstance(x, bool | np.bool_) or not isinstance(x, int | float | np.integer
-                                                            | np.floating):
+        if not accepted(x):
             raise ManifestError(f"{name}: {field}[{i}] = {x!r:.60} ({json_type(x)}) "
-                                "is not a number")
-        out.append(float(x))
-    return tuple(out)
+                                f"is not {what}")
+    return tuple(map(exact, values))
 
 
 def _bad_index(mask: np.ndarray) -> int:

@@ -279,8 +279,7 @@ class PipelineSchedule:
                 counts.add(c)
                 c *= 2
         if self.num_chunks > 1:  # megatron's interleaved schedule: groups of num_stages
-            pp = self.num_stages
-            counts = {c for c in counts if c >= pp and not 0 < c % pp < pp}
+            counts = {c for c in counts if c % self.num_stages == 0}
         return sorted(counts)
 
     def makespans(self, microbatch_costs: np.ndarray) -> np.ndarray:
@@ -550,15 +549,8 @@ def plan_global_batch(
         raise ValueError(f"split_share must be a finite number > 0, got {split_share!r}")
 
     n = len(samples)
-    samples, ids, tokens, media_count, group = _read_samples(samples)
-    groups = _Groups.build(ids, tokens, group)
-    slots = num_replicas * num_microbatches
-    if groups.count < slots:
-        raise ValueError(
-            f"{n} samples{groups.in_groups()} cannot fill num_replicas({num_replicas}) * "
-            f"num_microbatches({num_microbatches}) = {slots} micro-batches (each needs a sample"
-            + (", and a group's samples share one)" if groups.size is not None else ")")
-        )
+    samples, ids, tokens, media_count, group, groups = _read_units(samples, num_replicas,
+                                                                   num_microbatches)
     if equal_samples_per_replica and n % num_replicas:
         raise ValueError(
             f"equal_samples_per_replica: {n} samples do not divide evenly over "
@@ -606,6 +598,22 @@ def _read_samples(samples: Sequence[SampleSpec]):
     if n > 1 and (dup := np.flatnonzero(ids[1:] == ids[:-1])).size:
         raise ValueError(f"sample id {int(ids[dup[0]])} appears more than once in the batch")
     return [samples[i] for i in by_id.tolist()], ids, tokens, media_count, group
+
+
+def _read_units(samples: Sequence[SampleSpec], num_replicas: int, num_microbatches: int):
+    """`_read_samples` plus the placement units (`_Groups`); ``ValueError`` when there are fewer
+    units than the ``num_replicas * num_microbatches`` micro-batches they must fill."""
+    n = len(samples)
+    samples, ids, tokens, media_count, group = _read_samples(samples)
+    groups = _Groups.build(ids, tokens, group)
+    slots = num_replicas * num_microbatches
+    if groups.count < slots:
+        raise ValueError(
+            f"{n} samples{groups.in_groups()} cannot fill num_replicas({num_replicas}) * "
+            f"num_microbatches({num_microbatches}) = {slots} micro-batches (each needs a sample"
+            + (", and a group's samples share one)" if groups.size is not None else ")")
+        )
+    return samples, ids, tokens, media_count, group, groups
 
 
 @dataclass(frozen=True)
@@ -737,13 +745,8 @@ def plan_by_position(
         raise ValueError(f"replica_vit_ranks needs a non-empty list of ViT ranks for each of the "
                          f"{num_replicas} replicas, got {list(replica_vit_ranks)!r}")
     num_vit_ranks = max(max(r) for r in replica_vit_ranks) + 1
-    n = len(samples)
-    samples, ids, tokens, media_count, group = _read_samples(samples)
-    groups = _Groups.build(ids, tokens, group)
-    if groups.count < num_replicas * num_microbatches:
-        raise ValueError(f"{n} samples{groups.in_groups()} cannot fill "
-                         f"num_replicas({num_replicas}) * num_microbatches({num_microbatches}) "
-                         f"micro-batches")
+    samples, ids, tokens, media_count, group, groups = _read_units(samples, num_replicas,
+                                                                   num_microbatches)
     unit_replica = _position_split(groups.size, groups.count, num_replicas, num_microbatches)
     unit_mb = np.empty(groups.count, dtype=np.int64)
     for r in range(num_replicas):
@@ -1587,13 +1590,8 @@ def plan_loongforge_style(
                         ("num_vit_ranks", num_vit_ranks), ("frames_per_chunk", frames_per_chunk)):
         if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    n = len(samples)
-    samples, ids, tokens, media_count, group = _read_samples(samples)
-    groups = _Groups.build(ids, tokens, group)
-    if groups.count < num_replicas * num_microbatches:
-        raise ValueError(f"{n} samples{groups.in_groups()} cannot fill "
-                         f"num_replicas({num_replicas}) * num_microbatches({num_microbatches}) "
-                         f"micro-batches")
+    samples, ids, tokens, media_count, group, groups = _read_units(samples, num_replicas,
+                                                                   num_microbatches)
     llm_cost = np.asarray(cost_model.llm_cost(tokens), dtype=np.float64)
     cost = groups.sum_cost(llm_cost)
     unit_mb = _position_split(groups.size, groups.count, num_microbatches, num_replicas)

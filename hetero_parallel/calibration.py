@@ -22,13 +22,14 @@ the measured time.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch.distributed as dist
 
+from hetero_parallel.balancer import MediaChunk
 from hetero_parallel.cost_model import CostModel, PhaseMeasurement
 from hetero_parallel.step_plan import StepPlan
 
@@ -60,24 +61,17 @@ class CalibrationConfig:
 
 def local_record(step: StepPlan, timings: dict[str, float],
                  llm_forward_s: Sequence[float]) -> dict[str, Any]:
-    """What this rank measured in ``step`` (small, JSON-able): its ViT items and seconds, and
-    on a TP-0/CP-0 rank its stage's per-micro-batch forward seconds."""
+    """What this rank measured in ``step`` (small, JSON-able): its ViT items (in LLM tokens)
+    and seconds, and on a TP-0/CP-0 rank its stage's per-micro-batch forward seconds."""
     plan, rank = step.plan, step.rank
     c = plan.coords(rank)
     record: dict[str, Any] = {}
     vit = plan.vit_index(rank)
     if vit is not None:
-        ppt = 4
         sizes, frames = [], []
-        for ch in step.batch.chunks_for_vit_rank(vit):
-            toks = step.layouts[ch.sample_id].frame_tokens[ch.media_index]
-            offset = 0
-            for f in range(ch.frame_start, ch.frame_stop):
-                lo, hi = max(ch.token_start, offset), min(ch.token_stop, offset + toks[f])
-                if hi > lo:
-                    sizes.append((hi - lo) * ppt)
-                    frames.append(toks[f] * ppt)
-                offset += toks[f]
+        for _, piece, frame in _frame_pieces(step, step.batch.chunks_for_vit_rank(vit)):
+            sizes.append(piece)
+            frames.append(frame)
         seconds = timings.get("vit_forward", 0.0) + timings.get("vit_backward", 0.0)
         record["vit"] = (sizes, frames, seconds)
     if c.tp == 0 and c.cp == 0:
@@ -93,10 +87,9 @@ def measurements_of_step(step: StepPlan, records: Sequence[dict[str, Any]],
         if "vit" in rec:
             sizes, frames, seconds = rec["vit"]
             if sizes:
-                scale = patches_per_token / 4
                 out.append(PhaseMeasurement(
-                    "vit", tuple(int(s * scale) for s in sizes), float(seconds),
-                    tuple(int(f * scale) for f in frames)
+                    "vit", tuple(s * patches_per_token for s in sizes), float(seconds),
+                    tuple(f * patches_per_token for f in frames)
                     if any(s != f for s, f in zip(sizes, frames, strict=True)) else ()))
     per_mb: dict[tuple[int, int], float] = {}
     for rec in records:
@@ -121,24 +114,31 @@ def predicted_step_seconds(step: StepPlan, cost: CostModel, num_chunks: int = 1)
 
     plan = step.plan
     loads = np.zeros(plan.vit_dp)
-    for ch in step.batch.media_chunks:
-        toks = step.layouts[ch.sample_id].frame_tokens[ch.media_index]
-        offset = 0
-        for f in range(ch.frame_start, ch.frame_stop):
-            lo, hi = max(ch.token_start, offset), min(ch.token_stop, offset + toks[f])
-            if hi > lo:
-                loads[ch.vit_rank] += cost.vit_piece_cost((hi - lo) * cost.patches_per_token,
-                                                          toks[f] * cost.patches_per_token)
-            offset += toks[f]
+    for vit_rank, piece, frame in _frame_pieces(step, step.batch.media_chunks):
+        loads[vit_rank] += cost.vit_piece_cost(piece * cost.patches_per_token,
+                                               frame * cost.patches_per_token)
     mb_costs = np.zeros((plan.dp, step.batch.num_microbatches))
     for d in range(plan.dp):
         for j, shape in enumerate(step.all_shapes[d]):
             sizes = shape.sample_lengths if shape.packed else (shape.seq_len,) * shape.rows
             mb_costs[d, j] = float(np.sum(cost.llm_cost(np.asarray(sizes)))) if sizes else 0.0
     fwd, bwd = stage_times(mb_costs, plan.pp, num_chunks)
-    prediction = predict_hetero_step(fwd, bwd, loads,
-                                     num_stages=plan.pp if num_chunks > 1 else None)
+    prediction = predict_hetero_step(fwd, bwd, loads, num_stages=plan.pp)
     return float(prediction.step_s)
+
+
+def _frame_pieces(step: StepPlan, chunks: Iterable[MediaChunk]) -> Iterator[tuple[int, int, int]]:
+    """``(ViT rank, tokens, whole frame's tokens)`` of each frame, or slice of a split frame, of
+    ``chunks`` in order (a chunk covers tokens ``[token_start, token_stop)`` of its frames laid
+    end to end)."""
+    for ch in chunks:
+        toks = step.layouts[ch.sample_id].frame_tokens[ch.media_index]
+        offset = 0
+        for f in range(ch.frame_start, ch.frame_stop):
+            lo, hi = max(ch.token_start, offset), min(ch.token_stop, offset + toks[f])
+            if hi > lo:
+                yield ch.vit_rank, hi - lo, toks[f]
+            offset += toks[f]
 
 
 class OnlineCalibrator:

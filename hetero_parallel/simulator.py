@@ -403,7 +403,7 @@ def report_step(batch: BatchPlan, cost_model: CostModel, cluster: ClusterShape, 
     llm_total = float(batch.microbatch_costs.sum())
     vit_total = float(chunk_cost.sum()) - split_overhead(batch, cost_model)
     sample_pos = np.searchsorted(batch.sample_ids, batch.chunk_sample_id)
-    route_s = 0.0
+    vit_s = route_s = 0.0
     if layout == "hetero":
         if batch.num_vit_ranks > cluster.gpus:
             raise ValueError(f"the plan has {batch.num_vit_ranks} ViT ranks, more than the "
@@ -416,23 +416,14 @@ def report_step(batch: BatchPlan, cost_model: CostModel, cluster: ClusterShape, 
             np.add.at(sent, batch.chunk_vit_rank, batch.chunk_tokens)
             route_s = 2 * float(sent.max()) * cluster.route_bytes_per_token \
                 / cluster.route_bytes_per_second
-        pipe_m, busy = pipeline_times(fwd, bwd, num_stages=pp, p2p_s=cluster.p2p_s,
-                                      group_size=group_size)
-        step = vit_s + route_s + float(pipe_m.max())
     elif layout == "vit_on_first_stage":
         vit_mb = np.zeros((batch.num_replicas, batch.num_microbatches))
         np.add.at(vit_mb, (batch.replica[sample_pos], batch.microbatch[sample_pos]), chunk_cost)
-        fwd = fwd.copy()
-        bwd = bwd.copy()
-        fwd[:, 0, :] += vit_mb / tp * _FORWARD_SHARE
+        fwd[:, 0, :] += vit_mb / tp * _FORWARD_SHARE  # stage_times' arrays are fresh
         bwd[:, 0, :] += vit_mb / tp * (1 - _FORWARD_SHARE)
-        vit_s = 0.0
-        pipe_m, busy = pipeline_times(fwd, bwd, num_stages=pp, p2p_s=cluster.p2p_s,
-                                      group_size=group_size)
-        step = float(pipe_m.max())
     else:
         raise ValueError(f"layout must be 'hetero' or 'vit_on_first_stage', got {layout!r}")
-    slow = int(np.argmax(pipe_m))
+    pipeline = _slowest(fwd, bwd, cluster.p2p_s, pp, group_size)
     llm_cost = np.asarray(cost_model.llm_cost(batch.sample_tokens), dtype=np.float64)
     largest_vit = np.zeros(batch.sample_ids.size)
     np.maximum.at(largest_vit, sample_pos, chunk_cost)
@@ -440,8 +431,7 @@ def report_step(batch: BatchPlan, cost_model: CostModel, cluster: ClusterShape, 
         largest_vit /= tp
     critical = float(np.max(largest_vit + llm_cost / tp)) if llm_cost.size else 0.0
     return StepReport(
-        step_s=step, vit_s=vit_s, llm_s=float(pipe_m.max()), route_s=route_s,
-        ideal_s=(vit_total + llm_total) / cluster.gpus, critical_path_s=critical,
-        idle_fraction=tuple((1.0 - busy[slow] / pipe_m[slow]).tolist()) if pipe_m[slow] > 0
-        else (0.0,) * pp,
+        step_s=vit_s + route_s + pipeline.makespan, vit_s=vit_s, llm_s=pipeline.makespan,
+        route_s=route_s, ideal_s=(vit_total + llm_total) / cluster.gpus,
+        critical_path_s=critical, idle_fraction=pipeline.idle_fraction,
     )

@@ -357,6 +357,8 @@ def main(argv=None) -> None:
             dist.all_gather_object(per_rank, {"load": t_load, **result.timings})
             tokens = int(data.batch.sample_tokens.sum())
             phase_max = {p: max(t.get(p, 0.0) for t in per_rank) for p in PHASES}
+            load_max = max(t["load"] for t in per_rank)
+            step_mfu = mfu(flops.model, elapsed, peak, world) if peak else 0.0
             extra = {}
             if reference is not None:
                 extra["reward_mean"] = trainer.objective.reward_mean
@@ -369,11 +371,11 @@ def main(argv=None) -> None:
                 "samples_per_s": len(data.samples) / elapsed, "tokens_per_s": tokens / elapsed,
                 "vit_imbalance": data.batch.vit_report.max_over_mean,
                 "llm_imbalance": data.batch.llm_report.max_over_mean,
-                "skipped": len(data.skipped), "load_max_s": max(t["load"] for t in per_rank),
+                "skipped": len(data.skipped), "load_max_s": load_max,
                 "predicted_step_s": predicted, "model_tflops": flops.model / 1e12,
                 "model_tflops_per_s": flops.model / elapsed / 1e12,
                 "hardware_tflops": flops.hardware / 1e12,
-                "mfu": mfu(flops.model, elapsed, peak, world) if peak else 0.0,
+                "mfu": step_mfu,
                 **extra, **{f"{p}_max_s": v for p, v in phase_max.items()}})
             if progress is not None:
                 progress.update(1)
@@ -385,13 +387,12 @@ def main(argv=None) -> None:
                     "%.2fs) load %.2fs | vit max %.0f ms llm max %.0f ms | imbalance max/mean "
                     "%.2f | %.3g model TFLOP/s%s%s", step,
                     result.loss, len(data.samples) / elapsed, tokens / elapsed, elapsed,
-                    predicted,
-                    max(t["load"] for t in per_rank),
+                    predicted, load_max,
                     1e3 * max(t.get("vit_forward", 0) + t.get("vit_backward", 0)
                               for t in per_rank),
                     1e3 * phase_max["llm"], max(busy) / (sum(busy) / len(busy)),
                     flops.model / elapsed / 1e12,
-                    f" MFU {mfu(flops.model, elapsed, peak, world):.1%}" if peak else "",
+                    f" MFU {step_mfu:.1%}" if peak else "",
                     _gpu_stats())
             if args.save_every and (step + 1) % args.save_every == 0:
                 ckpt.save(step + 1)

@@ -184,6 +184,18 @@ class MediaChunk:
     def num_tokens(self) -> int:
         return self.token_stop - self.token_start
 
+    def frame_slices(self, frame_tokens: Sequence[int]):
+        """``(frame, first token within the frame, tokens)`` of each of the chunk's frames that
+        holds any of its tokens ``[token_start, token_stop)``, in order; ``frame_tokens``: the
+        visual tokens of every frame of the media item."""
+        offset = 0
+        for f in range(self.frame_start, self.frame_stop):
+            lo = max(self.token_start, offset)
+            hi = min(self.token_stop, offset + frame_tokens[f])
+            if hi > lo:
+                yield f, lo - offset, hi - lo
+            offset += frame_tokens[f]
+
     def _key(self) -> tuple[int, ...]:
         return (self.sample_id, self.media_index, self.frame_start, self.token_start,
                 self.frame_stop, self.token_stop, self.vit_rank)

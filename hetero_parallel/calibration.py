@@ -133,12 +133,8 @@ def _frame_pieces(step: StepPlan, chunks: Iterable[MediaChunk]) -> Iterator[tupl
     end to end)."""
     for ch in chunks:
         toks = step.layouts[ch.sample_id].frame_tokens[ch.media_index]
-        offset = 0
-        for f in range(ch.frame_start, ch.frame_stop):
-            lo, hi = max(ch.token_start, offset), min(ch.token_stop, offset + toks[f])
-            if hi > lo:
-                yield ch.vit_rank, hi - lo, toks[f]
-            offset += toks[f]
+        for f, _, n in ch.frame_slices(toks):
+            yield ch.vit_rank, n, toks[f]
 
 
 class OnlineCalibrator:

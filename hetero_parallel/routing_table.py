@@ -83,17 +83,11 @@ def _frame_rows(chunks, layouts: dict[int, SampleLayout],
     out = []
     vit_row = 0
     for ch in chunks:
-        toks = layouts[ch.sample_id].frame_tokens[ch.media_index]
-        offset = 0
-        for f in range(ch.frame_start, ch.frame_stop):
-            lo = max(ch.token_start, offset)
-            hi = min(ch.token_stop, offset + toks[f])
-            if hi > lo:
-                for s in (ch.sample_id, *twins.get(ch.sample_id, ())):
-                    pos = layouts[s].frame_positions[ch.media_index][f]
-                    out.append((s, pos + lo - offset, hi - lo, ch.vit_rank, vit_row))
-                vit_row += hi - lo
-            offset += toks[f]
+        for f, start, n in ch.frame_slices(layouts[ch.sample_id].frame_tokens[ch.media_index]):
+            for s in (ch.sample_id, *twins.get(ch.sample_id, ())):
+                pos = layouts[s].frame_positions[ch.media_index][f]
+                out.append((s, pos + start, n, ch.vit_rank, vit_row))
+            vit_row += n
     return np.asarray(out, dtype=np.int64).reshape(-1, 5)
 
 

@@ -132,7 +132,6 @@ class SplitAttention:
         send_index = torch.cat([t for lst in send for t in lst]) if any(send) else \
             torch.zeros(0, dtype=torch.long)
         self.pieces = tuple(pieces)
-        self.own_rows = tuple(own_rows)
         self.plan = _Plan(rows, send_index, tuple(sum(t.numel() for t in lst) for lst in send),
                           tuple(recv_splits), resolved)
 
@@ -154,16 +153,8 @@ class SplitAttention:
                 for parts in self.plan.pieces]
 
 
-def has_split_frames(batch: BatchPlan) -> bool:
-    return bool(batch.split_groups())
-
-
-def piece_of(split: SplitAttention | None, frame: int) -> FramePiece | None:
-    """The piece of input frame ``frame``, or None when that frame is whole."""
-    if split is None:
-        return None
-    for p in split.pieces:
-        if p.frame == frame:
-            return p
-    return None
+def pieces_by_frame(split: SplitAttention | None) -> dict[int, FramePiece]:
+    """Input frame index -> its piece, for the frames of this rank that are pieces of split
+    frames (empty without ``split``)."""
+    return {} if split is None else {p.frame: p for p in split.pieces}
 

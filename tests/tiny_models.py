@@ -22,6 +22,7 @@ from hetero_parallel.llm_chunks import (
     parallel_config_kwargs,
 )
 from hetero_parallel.plan import ParallelPlan
+from hetero_parallel.vit_split import pieces_by_frame
 
 CELL = 28
 VISION_WIDTH = 32
@@ -76,7 +77,7 @@ class TinyVisionEncoder(nn.Module):
     def forward(self, frames: Sequence[torch.Tensor], split=None) -> torch.Tensor:
         if not frames and split is None:
             return self.projector[-1].weight.new_zeros(0, self.out)
-        piece = {p.frame: p for p in split.pieces} if split is not None else {}
+        piece = pieces_by_frame(split)
         cells, lengths = [], []
         for i, f in enumerate(frames):
             h, w = f.shape[0] // CELL, f.shape[1] // CELL

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hetero_parallel.vit_split import pieces_by_frame
+
 PATCH = 14
 MERGE = 2
 PIXEL_MEAN = 0.5
@@ -256,7 +258,7 @@ class VisionTransformer(nn.Module):
         """
         weight = self.patch_embed.weight
         grids = [(f.shape[0] // PATCH, f.shape[1] // PATCH) for f in frames]
-        piece = {p.frame: p for p in split.pieces} if split is not None else {}
+        piece = pieces_by_frame(split)
         cache: dict[tuple[int, int], torch.Tensor] = {}
         xs, positions, lengths = [], [], []
         for i, (f, grid) in enumerate(zip(frames, grids, strict=True)):
@@ -340,7 +342,7 @@ class VisionEncoder(nn.Module):
         for f in frames:
             frame_tokens(f.shape[0], f.shape[1])
         grids = [(f.shape[0] // PATCH, f.shape[1] // PATCH) for f in frames]
-        pieces = {p.frame: p for p in split.pieces} if split is not None else {}
+        pieces = pieces_by_frame(split)
         piece_tokens = [pieces[i].token_stop - pieces[i].token_start if i in pieces else None
                         for i in range(len(frames))]
         features = self.vit(frames, split=split)

@@ -31,6 +31,7 @@ dedicated gloo group, so training continues while it writes; the next save (or `
 from __future__ import annotations
 
 import concurrent.futures
+import enum
 import hashlib
 import io
 import json
@@ -136,10 +137,22 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        if module in ("builtins", "__builtin__") and name == "getattr":
+            # Some Pythons (e.g. 3.11.2, Debian 12's) pickle an enum member as
+            # getattr(EnumClass, name): allow that form only.
+            return self._enum_member
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise CheckpointError(f"{self.path}: refusing to unpickle {module}.{name} (not a "
                               "checkpoint metadata type): the file is corrupt or crafted")
+
+    def _enum_member(self, cls: Any, name: Any) -> enum.Enum:
+        if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) \
+                and name in cls.__members__:
+            return cls[name]
+        raise CheckpointError(f"{self.path}: refusing getattr({cls!r:.60}, {name!r:.60}) (only "
+                              "enum members of checkpoint metadata types): the file is corrupt or "
+                              "crafted")
 
 
 def read_metadata(path: Path) -> dcp_metadata.Metadata:

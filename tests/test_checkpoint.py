@@ -292,3 +292,31 @@ def test_restricted_unpickler_refuses_everything_but_metadata_types(tmp_path):
     (tmp_path / ".metadata").write_bytes(b"\x80\x04junk")
     with pytest.raises(CheckpointError, match="unreadable checkpoint metadata"):
         read_metadata(tmp_path)
+
+
+class _ByName:
+    """Pickles as ``getattr(owner, name)``: how some Pythons (3.11.2) pickle an enum member."""
+
+    def __init__(self, owner, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_metadata_enum_members_pickled_by_name_load_and_nothing_else_does(tmp_path):
+    from torch.distributed.checkpoint import metadata as md
+
+    from hetero_parallel.checkpoint import CheckpointError, _MetadataUnpickler
+
+    member = md._MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        data = pickle.dumps(_ByName(md._MEM_FORMAT_ENCODING, member.name), protocol=protocol)
+        assert b"getattr" in data
+        assert _MetadataUnpickler(data, tmp_path).load() is member
+    for owner, name in ((md.Metadata, "__init__"), (md._MEM_FORMAT_ENCODING, "__class__"),
+                        (md._MEM_FORMAT_ENCODING, "_member_map_")):
+        with pytest.raises(CheckpointError, match="refusing getattr"):
+            _MetadataUnpickler(pickle.dumps(_ByName(owner, name)), tmp_path).load()
+    with pytest.raises(CheckpointError, match="refusing to unpickle posix.system"):
+        _MetadataUnpickler(pickle.dumps(_ByName(os.system, "__call__")), tmp_path).load()
